@@ -4,7 +4,8 @@ The relayer only knows its own transactions; anyone may call the contract (the s
 buyer's `reclaim`, anyone's `finalize`). `index_pass` reads, with `eth_getLogs` in ranges of at most
 INDEXER_BLOCK_RANGE blocks (following the head, at most INDEXER_LOGS_BY_HASH_BLOCKS new ones: block by block, by
 hash, which a node behind refuses rather than answering empty), from the escrow's deployment block up to the block
-CHAIN_CONFIRMATIONS deep (and no newer than the node's `safe` or `finalized` block when INDEXER_HEAD_TAG names one):
+CHAIN_CONFIRMATIONS deep (and no newer than the node's `safe` or `finalized` block when INDEXER_HEAD_TAG names one;
+deep meaning the blocks above it up to that depth descend from it: `_confirmed_above`):
 
 - every escrow event, and every token `Transfer` of a non-zero amount from or to the escrow, the treasury (relayer)
   or the fee recipient, stored once as a `ChainEvent` (unique by block hash and log index);

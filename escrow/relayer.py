@@ -7,9 +7,10 @@
   worker killed at any point leaves either nothing (rolled back, the task runs again) or a stored attempt that
   `transaction_check` rebroadcasts.
 - `transaction_check` (driven by the `poll_confirmations` beat task) finds receipts of any attempt, counts
-  confirmations, notices reorgs (another block at the mined block's height: none there yet is a node behind, waited
-  for), rebroadcasts dropped transactions and replaces stuck ones with the same nonce and bumped fees. Final
-  outcomes go to the domain once per time the transaction is mined.
+  confirmations (over the blocks that descend from the mined one: `_block_deep_enough`), notices reorgs (another
+  block at the mined block's height: none there yet is a node behind, waited for), rebroadcasts dropped
+  transactions and replaces stuck ones with the same nonce and bumped fees. Final outcomes go to the domain once per
+  time the transaction is mined.
 - `transactions_reopen_reorged` notices a reorg deeper than the confirmation depth: a mined transaction (confirmed,
   or failed: it reverted) whose block is no longer canonical goes back to submitted, and is then found mined again,
   or rebroadcast with the same signed bytes (same nonce: it cannot run twice), or, when the nonce turns out used by
@@ -950,8 +951,8 @@ def _receipt_still_in_its_block(tx: ChainTransaction) -> bool:
     if found is None or found.block_hash.lower() != tx.mined_block_hash.lower():
         return False
     logger.warning("a block a concluded transaction was mined in answered replaced, its receipt still in it: not "
-                   "reopened until the node's answers agree", extra={"tx_id": str(tx.pk), "block": tx.mined_block_number,
-                                                                    "block_hash": tx.mined_block_hash})
+                   "reopened until the node's answers agree",
+                   extra={"tx_id": str(tx.pk), "block": tx.mined_block_number, "block_hash": tx.mined_block_hash})
     return True
 
 
