@@ -781,6 +781,21 @@ def canonical_block_hashes(number: int) -> tuple[str, str] | None:
     return "0x" + block["hash"].hex().removeprefix("0x"), "0x" + parent.hex().removeprefix("0x")
 
 
+def blocks_above_descend(number: int, block_hash: str, *, depth: int) -> bool:
+    """Whether the node's blocks above block `number` (`block_hash`), up to `depth` blocks counting it, descend from
+    it, each the parent of the next: what makes the block `depth` deep. The head's number alone, from a backend of a
+    load-balanced provider other than the one that answered the block (one left on a branch the chain dropped),
+    counted a depth of blocks that do not hold it (the relayer's `_block_deep_enough`, the indexer's
+    `_confirmed_above`)."""
+    parent = block_hash.lower()
+    for above in range(number + 1, number + max(depth, 1)):
+        hashes = canonical_block_hashes(above)
+        if hashes is None or hashes[1].lower() != parent:
+            return False
+        parent = hashes[0].lower()
+    return True
+
+
 def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:
     """Why a mined transaction reverted: replay it as a call at its block. Raises RpcUnavailable when the node did not
     answer (a timeout is no reason: the outcome, which may depend on the reason, waits for an answer)."""

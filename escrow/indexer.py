@@ -158,18 +158,11 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
 
 
 def _confirmed_above(number: int, block_hash: str) -> bool:
-    """Whether the blocks up to the confirmation depth above block `number` (`block_hash`) descend from it, each the
-    parent of the next. The head's number alone, from a backend of a load-balanced provider other than the one that
-    answered the blocks and logs (one still on a branch the chain dropped, at its head), counted a depth of blocks
-    that do not hold them: the branch's events were applied 1 block deep, on no chain. Asked of a pass's last range
-    (the newest blocks: below them, a branch the chain dropped is a reorg deeper than the depth, `_follow_reorg`)."""
-    parent = block_hash.lower()
-    for above in range(number + 1, number + max(settings.CHAIN_CONFIRMATIONS, 1)):
-        hashes = chain.canonical_block_hashes(above)
-        if hashes is None or hashes[1].lower() != parent:
-            return False
-        parent = hashes[0].lower()
-    return True
+    """Whether block `number` (`block_hash`) is at the confirmation depth over blocks that descend from it
+    (`chain.blocks_above_descend`): a stale backend's branch was applied 1 block deep, on no chain. Asked of a pass's
+    last range (the newest blocks: below them, a branch the chain dropped is a reorg deeper than the depth,
+    `_follow_reorg`)."""
+    return chain.blocks_above_descend(number, block_hash, depth=settings.CHAIN_CONFIRMATIONS)
 
 
 def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None = None) -> tuple[str, list] | None:

@@ -799,15 +799,10 @@ def _block_deep_enough(tx: ChainTransaction, *, block_number: int, block_hash: s
     such, a copy no longer found)."""
     if latest - block_number + 1 < tx.confirmations_required:
         return False
-    parent = block_hash.lower()
-    for number in range(block_number + 1, block_number + tx.confirmations_required):
-        above = chain.canonical_block_hashes(number)
-        if above is None or above[1].lower() != parent:
-            logger.warning("the blocks above the block a transaction's outcome rests on do not descend from it: its "
-                           "depth is not counted", extra={"tx_id": str(tx.pk), "block": block_number,
-                                                          "block_hash": block_hash, "above": number})
-            return False
-        parent = above[0].lower()
+    if not chain.blocks_above_descend(block_number, block_hash, depth=tx.confirmations_required):
+        logger.warning("the blocks above the block a transaction's outcome rests on do not descend from it: its depth "
+                       "is not counted", extra={"tx_id": str(tx.pk), "block": block_number, "block_hash": block_hash})
+        return False
     return True
 
 
