@@ -10,6 +10,7 @@ from django.db.models import F, Q
 
 from marketplace.fields import AddressField, TokenAmountField
 
+
 def new_proxy_secret() -> str:
     return f"psk_{secrets.token_urlsafe(32)}"
 

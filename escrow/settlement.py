@@ -41,6 +41,7 @@ from sdk import receipts, typed_data
 
 logger = logging.getLogger(__name__)
 
+
 def _enqueue(agreement: UsageAgreement, purpose: str, fn_name: str, args: list, context: dict | None = None):
     data = chain.escrow_contract().encode_abi(fn_name, args=args)
     return relayer.transaction_enqueue(purpose=purpose, to=chainconfig.escrow_address(), data=data,
@@ -476,7 +477,6 @@ def _challenge_outcome(tx: ChainTransaction) -> None:
 DISPUTE_TIMED_OUT = "dispute_timed_out"
 
 
-@logs_name_the_agreement
 @dataclass(frozen=True)
 class Resolution:
     """An arbiter's decision checked against the chain (`settlement_resolution_prepare`): what
@@ -487,6 +487,7 @@ class Resolution:
     terms: tuple
 
 
+@logs_name_the_agreement
 def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int,
                        operator: AbstractBaseUser | None) -> ChainTransaction:
     """The arbiter's decision of a dispute: `settlement_resolution_prepare` (reads the chain: call outside any
@@ -495,6 +496,7 @@ def settlement_resolve(*, agreement: UsageAgreement, seller_amount: int,
         resolution=settlement_resolution_prepare(agreement=agreement, seller_amount=seller_amount), operator=operator)
 
 
+@logs_name_the_agreement
 def settlement_resolution_prepare(*, agreement: UsageAgreement, seller_amount: int) -> Resolution:
     """The arbiter's decision of a dispute checked against the chain (a chain read: before any database transaction
     opens, an idempotent request's too). Not once the dispute timed out (409 `dispute_timed_out`): the contract's
