@@ -515,10 +515,11 @@ class _FinalAnswer(http.client.HTTPResponse):
                 if len(length) > 18:  # no body a call carries; int() of thousands of digits raises ValueError
                     raise http.client.HTTPException(f"Content-Length {length[:20]}... frames no body")
                 self.length, self.will_close = int(length), self._check_close()
-            # Passed on as one field of that one value: `9, 9` is no length to Python's http.client, Go's client or
-            # nginx, and granian writes the field as the application gives it.
-            del self.msg["content-length"]
-            self.msg["Content-Length"] = length
+                # Passed on as one field of that one value: `9, 9` is no length to Python's http.client, Go's client
+                # or nginx, and granian writes the field as the application gives it. (A field repeated whole is
+                # passed on once already; a plain length is left as it is: no rewrite on every answer.)
+                del self.msg["content-length"]
+                self.msg["Content-Length"] = length
 
     def _read_and_discard_trailer(self) -> None:
         """The trailer section after a chunked body's last chunk, dropped, read up to `max_head_bytes` as a head is:
