@@ -886,6 +886,20 @@ def test_a_cancellation_outrun_by_a_use_of_the_authorization_records_that_use(
     _next_purchase_over_the_daily_cap_refused(purchase)
 
 
+def _strangers_copy_runs_first(purchase, capture, ours: ChainTransaction) -> str:
+    """A stranger sends a copy of the relayer's queued `ours` and gets it mined first; then ours is sent and both
+    concluded: the copy's hash."""
+    chain = purchase.chain
+    copy = _hash(chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
+                                                "data": ours.data}))
+    mined_what_was_sent()
+    with capture(execute=True):
+        relayer.transaction_submit(transaction_id=ours.pk)
+    for _ in range(2):
+        confirm_all(capture)
+    return copy
+
+
 def test_a_cancellation_a_strangers_copy_of_it_ran_first_is_recorded_done_not_failed(
         purchase, django_capture_on_commit_callbacks):
     """The relayed cancelAuthorization is bearer: a stranger copies the buyer's signed cancel from the relayer's
@@ -901,14 +915,7 @@ def test_a_cancellation_a_strangers_copy_of_it_ran_first_is_recorded_done_not_fa
                                                  {"signature": _cancel_signature(purchase, agreement["id"])})
     assert queued.status_code == 202, queued.content
     ours = ChainTransaction.objects.get(pk=queued.json()["transaction"]["id"])
-    chain = purchase.chain
-    copy = _hash(chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
-                                                "data": ours.data}))
-    mined_what_was_sent()
-    with capture(execute=True):
-        relayer.transaction_submit(transaction_id=ours.pk)
-    for _ in range(2):
-        confirm_all(capture)
+    copy = _strangers_copy_runs_first(purchase, capture, ours)
 
     ours.refresh_from_db()
     assert ours.status == "failed" and ours.mined_tx_hash != copy
@@ -932,13 +939,7 @@ def test_a_cancellation_concluded_on_a_strangers_copy_a_reorg_takes_is_sent_agai
     ours = ChainTransaction.objects.get(pk=queued.json()["transaction"]["id"])
     chain = purchase.chain
     before_the_copy = chain.snapshot()
-    copy = _hash(chain.w3.eth.send_transaction({"from": chain.accounts.stranger.address, "to": ours.to_address,
-                                                "data": ours.data}))
-    mined_what_was_sent()
-    with capture(execute=True):
-        relayer.transaction_submit(transaction_id=ours.pk)
-    for _ in range(2):
-        confirm_all(capture)
+    copy = _strangers_copy_runs_first(purchase, capture, ours)
     assert purchase.parties.agreement(agreement["id"])["payment_authorization_cancel_tx_hash"] == copy
 
     chain.reorg(before_the_copy)

@@ -12,6 +12,7 @@ from eth_account import Account
 from catalog.models import Agent
 from sdk.typed_data import wallet_proof
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token, signed_wallet_proof
+from tests.catalog.test_agents_api import agents_created_at_once_by_two_owners
 from tests.catalog.test_registry import assets, registration
 from tests.conftest import Api, error_code
 
@@ -148,9 +149,6 @@ def test_a_wallet_whose_proving_agent_was_deactivated_may_be_proven_by_another_o
 def test_two_owners_proving_one_wallet_at_once_get_201_and_409(monkeypatch):
     """Both look for another owner's proof at once: without the wallet's lock both found none and were 201, the
     wallet two owners'."""
-    from django.contrib.auth import get_user_model
-    from django.db import connections
-
     from catalog import services
 
     both_ready, refuse = threading.Barrier(2, timeout=10), services._wallet_proven_by_another_owner_refuse
@@ -160,22 +158,10 @@ def test_two_owners_proving_one_wallet_at_once_get_201_and_409(monkeypatch):
         refuse(**kwargs)
 
     monkeypatch.setattr(services, "_wallet_proven_by_another_owner_refuse", both_check_at_once)
-    wallet, owners = Account.create(), [get_user_model().objects.create_user(f"owner-{n}") for n in range(2)]
-    answers = []
-
-    def create(owner):
-        try:
-            answers.append(Api(issue_owner_token(owner)).post("/agents", agent_body(
-                f"agent-of-{owner.username}", wallet.address, signed_proof(wallet, handle=f"agent-of-{owner.username}",
-                                                                           owner=owner))))
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=create, args=(owner,)) for owner in owners]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    wallet = Account.create()
+    answers = agents_created_at_once_by_two_owners(lambda owner: agent_body(
+        f"agent-of-{owner.username}", wallet.address, signed_proof(wallet, handle=f"agent-of-{owner.username}",
+                                                                   owner=owner)))
     assert sorted(answer.status_code for answer in answers) == [201, 409], [a.content for a in answers]
     assert {error_code(answer) for answer in answers if answer.status_code == 409} == {"wallet_taken"}
 

@@ -97,6 +97,25 @@ def test_a_handle_spelling_an_agent_id_is_refused(owner_api, seller, spelling):
 
 
 @pytest.mark.postgres
+def agents_created_at_once_by_two_owners(body_of) -> list:
+    """Two new owners' `POST /agents` of `body_of(owner)`, each on its own thread: their answers."""
+    owners = [get_user_model().objects.create_user(f"owner-{n}") for n in range(2)]
+    answers = []
+
+    def create(owner):
+        try:
+            answers.append(Api(issue_owner_token(owner)).post("/agents", body_of(owner)))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=create, args=(owner,)) for owner in owners]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return answers
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_owners_creating_one_handle_at_once_get_201_and_409_not_500(monkeypatch):
     """Both find the handle free, then both insert: the unique constraint refuses the second (a 500 before)."""
@@ -107,20 +126,7 @@ def test_two_owners_creating_one_handle_at_once_get_201_and_409_not_500(monkeypa
         return checksum_address(address)
 
     monkeypatch.setattr(services, "checksum_address", after_the_handle_check)
-    owners = [get_user_model().objects.create_user(f"owner-{n}") for n in range(2)]
-    answers = []
-
-    def create(owner):
-        try:
-            answers.append(Api(issue_owner_token(owner)).post("/agents", agent_body("same-handle", owner=owner)))
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=create, args=(owner,)) for owner in owners]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    answers = agents_created_at_once_by_two_owners(lambda owner: agent_body("same-handle", owner=owner))
     assert sorted(answer.status_code for answer in answers) == [201, 409], [a.content for a in answers]
     assert {error_code(answer) for answer in answers if answer.status_code == 409} == {"handle_taken"}
     assert Agent.objects.filter(handle="same-handle").count() == 1
