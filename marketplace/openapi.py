@@ -56,6 +56,7 @@ LINKS: dict[str, dict[str, dict[str, str]]] = {
     "api_keys_list": {
         "api_keys_revoke": {"agent_id": "$request.path.agent_id", "key_id": "$response.body#/results/0/id"},
     },
+    "owner_tokens_list": {"owner_tokens_revoke": {"token_id": "$response.body#/results/0/id"}},
     "approvals_list": {
         target: {"agent_id": "$request.path.agent_id", "request_id": "$response.body#/results/0/id"}
         for target in ("approvals_approve", "approvals_reject")

@@ -1634,7 +1634,12 @@ def test_the_queued_sweep_sends_a_transaction_again_only_once_its_message_may_be
     RPC timeout), each run added every queued row again, up to 500, ahead of the poll and the settlement ticks, and
     its first 500, in no order, could be the same rows each time while the others waited."""
     monkeypatch.setattr(relayer, "SWEEP_QUEUED_BATCH", 2)
-    queued_rows = [queue_activation(parties, django_capture_on_commit_callbacks)[1] for _ in range(3)]  # lost
+    chain = parties.chain
+    with django_capture_on_commit_callbacks(execute=False):  # their messages lost
+        queued_rows = [relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                                   data=chain.usdc.encode_abi("transfer", args=[
+                                                       chain.accounts.stranger.address, 0]))
+                       for _ in range(3)]
     now = timezone.now()
     for age, tx in zip((300, 200, 100), queued_rows, strict=True):
         ChainTransaction.objects.filter(pk=tx.pk).update(updated_at=now - timedelta(seconds=age))

@@ -33,7 +33,7 @@ from drf_spectacular.generators import SchemaGenerator
 
 from agreements.models import UsageAgreement, UsageEvent
 from agreements.tasks import deliver_webhook
-from catalog.models import ApiKey
+from catalog.models import ApiKey, OwnerToken
 from tests.catalog.factories import issue_owner_token, register_service
 from tests.conftest import Api
 from tests.escrow.flow import Parties, poll_mined
@@ -139,6 +139,9 @@ def marketplace_data(escrow_chain, http_server, settings, monkeypatch):
     # key the buyer's run uses would leave that run a series of 401s.
     spare = owner_api.post(f"/agents/{parties.buyer.pk}/api-keys", {"name": "spare"})
     assert spare.status_code == 201, spare.content
+    # Likewise a spare owner token: the owner's run revoking its own token ran on as 401s (a token may revoke itself).
+    spare_token = owner_api.post("/owner-tokens", {"name": "spare"})
+    assert spare_token.status_code == 201, spare_token.content
     secrets = {"buyer": parties.buyer_api.secret, "seller": parties.seller_api.secret, "owner": owner_api.secret}
     ids = {
         "agreement_id": [active["id"], accepted["id"], proposed["id"], pending["id"]],
@@ -147,6 +150,7 @@ def marketplace_data(escrow_chain, http_server, settings, monkeypatch):
         "request_id": [approval["id"] for approval in approvals],
         "subscription_id": [webhooks[0]["id"]],
         "key_id": [spare.json()["id"]],
+        "token_id": [spare_token.json()["id"]],
     }
     return secrets, ids
 
@@ -157,6 +161,9 @@ def test_api_matches_its_schema_for_every_principal(marketplace_data, live_serve
     monkeypatch.setenv("FUZZ_SPARE_KEY_ID", str(ids["key_id"][0]))
     monkeypatch.setenv("FUZZ_KEPT_KEY_IDS", ",".join(
         str(pk) for pk in ApiKey.objects.exclude(pk__in=ids["key_id"]).values_list("pk", flat=True)))
+    monkeypatch.setenv("FUZZ_SPARE_TOKEN_ID", str(ids["token_id"][0]))
+    monkeypatch.setenv("FUZZ_KEPT_TOKEN_IDS", ",".join(
+        str(pk) for pk in OwnerToken.objects.exclude(pk__in=ids["token_id"]).values_list("pk", flat=True)))
     operations = operations_by_credential()
     schema_url = f"{live_server.url}/api/schema/?format=json"
     configs = {}
@@ -187,6 +194,7 @@ def test_api_matches_its_schema_for_every_principal(marketplace_data, live_serve
     # answered 401, which is documented, so nothing else would tell).
     for role in ("buyer", "seller"):
         assert Api(secrets[role]).get("/agents/me").status_code == 200, f"the {role}'s key was revoked"
+    assert Api(secrets["owner"]).get("/owner-tokens").status_code == 200, "the owner's token was revoked"
 
 
 def run_schemathesis(secrets: dict[str, str], configs: dict[str, Path], *, schema_url: str, server_url: str,
