@@ -3,6 +3,7 @@ against the real server in tests/faults/test_web_server_stopped.py), and a worke
 as it is handed connections."""
 
 import http.client
+import json
 import os
 import socket
 import subprocess
@@ -107,3 +108,32 @@ def test_one_worker_serves_sixteen_slow_calls_at_once(port, tmp_path):
         server.wait(timeout=30)
     assert statuses == [200] * 16
     assert elapsed < 1.6  # one call's time, not two (8 threads: 2 s and more)
+
+
+def test_the_servers_own_environment_is_no_part_of_a_request(port):
+    """granian starts each request's environ from the worker's os.environ: a variable of the server's named like a
+    header (`HTTP_AUTHORIZATION` here; `HTTP_PROXY`, set on hosts behind an egress proxy, is common) was that header
+    on every request that did not send one (read as the client's, forwarded by the metered proxy to sellers), and
+    the process's secrets were in every request's META."""
+    root = Path(__file__).resolve().parents[2]
+    server = subprocess.Popen(command(port=port, workers=1), cwd=root,
+                              env={**os.environ, "HTTP_AUTHORIZATION": "Bearer mk_from_the_servers_environment",
+                                   "DJANGO_SETTINGS_MODULE": "marketplace.settings"})
+
+    def agent_me(headers: dict) -> tuple[int, str]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("GET", "/agents/me", headers=headers)
+            answer = connection.getresponse()
+            return answer.status, json.loads(answer.read())["error"]["code"]
+        finally:
+            connection.close()
+
+    try:
+        wait_until_every_worker_listens(server.pid, port, 1, timeout=60)
+        anonymous, malformed = agent_me({}), agent_me({"Authorization": "Bearer garbage"})
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert anonymous == (401, "not_authenticated")  # (401, "invalid_credentials"): the server's variable, as a header
+    assert malformed == (401, "invalid_credentials")  # a header the request sends is the request's
