@@ -259,10 +259,11 @@ def owner_scope(scope: str) -> type[permissions.BasePermission]:
 def owner_scope_by_method(*, read: str = OwnerScope.READ, write: str) -> type[permissions.BasePermission]:
     """owner_scope(read) for GET and HEAD, owner_scope(write) for the other methods."""
 
+    reading, writing = owner_scope(read)(), owner_scope(write)()  # made once, not a class per request
+
     class IsOwnerWithScopeOfMethod(IsOwner):
         def has_permission(self, request, view):
-            scope = read if request.method in permissions.SAFE_METHODS else write
-            return owner_scope(scope)().has_permission(request, view)
+            return (reading if request.method in permissions.SAFE_METHODS else writing).has_permission(request, view)
 
     IsOwnerWithScopeOfMethod.__name__ = f"IsOwnerWithScopeOfMethod_{read}_{write}"
     return IsOwnerWithScopeOfMethod

@@ -75,9 +75,14 @@ def _agent_payload(agent) -> dict:
     ).data
 
 
+def _credential_fields(credential) -> dict:
+    """What an API key or an owner token shows of itself (never its digest)."""
+    return {f: getattr(credential, f)
+            for f in ("id", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at")}
+
+
 def _key_payload(key, secret: str | None = None) -> dict:
-    fields = ("id", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at")
-    data = {f: getattr(key, f) for f in fields}
+    data = _credential_fields(key)
     if secret is None:
         return ApiKeySerializer(data).data
     return ApiKeyIssuedSerializer({**data, "secret": secret}).data
@@ -160,8 +165,7 @@ def _is_presented(request, token) -> bool:
 
 
 def _token_payload(request, token, secret: str | None = None) -> dict:
-    fields = ("id", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at")
-    data = {**{f: getattr(token, f) for f in fields}, "is_this_token": _is_presented(request, token)}
+    data = {**_credential_fields(token), "is_this_token": _is_presented(request, token)}
     if secret is None:
         return OwnerTokenSerializer(data).data
     return OwnerTokenIssuedSerializer({**data, "secret": secret}).data
