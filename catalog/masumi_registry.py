@@ -280,7 +280,8 @@ class RegistryView(APIView):
                                code="wallet_mismatch")
         if agent.wallet_proven_at is None:  # Masumi names a seller by its wallet: only one proven its
             raise Forbidden("Your agent's wallet is unproven: Masumi names a seller by its wallet, so only an agent "
-                            "created with its wallet's proof (POST /agents, wallet_proof) registers here.",
+                            "created with its wallet's proof (POST /agents, wallet_proof) or proven since (POST "
+                            "/agents/{id}/wallet-proof) registers here.",
                             code="wallet_unproven")
         service = services.service_register(seller=agent, data=_catalog_data(body.validated_data))
         service = selectors.service_shown(service_id=service.pk, viewer=agent)

@@ -53,6 +53,12 @@ class AgentCreateSerializer(StrictSerializer):
     roles = serializers.MultipleChoiceField(choices=["buyer", "seller"], allow_empty=False)
 
 
+class AgentWalletProveSerializer(StrictSerializer):
+    wallet_proof = WalletProofSerializer(required=False, help_text=(
+        "The wallet's proof that it is this agent's (its handle, its wallet, its owner): 400 "
+        "`wallet_proof_required` without it, whose `details.typed_data` is the message to sign."))
+
+
 class AgentSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     handle = serializers.CharField()

@@ -36,7 +36,7 @@ from sdk.typed_data import wallet_proof
 
 # Path segments that routes under /agents/ already use, so they cannot be handles or skill names.
 RESERVED_HANDLES = frozenset({"services", "me"})
-RESERVED_SKILL_NAMES = frozenset({"policies", "approvals", "api-keys", "services", "webhooks", "events"})
+RESERVED_SKILL_NAMES = frozenset({"policies", "approvals", "api-keys", "services", "webhooks", "events", "wallet-proof"})
 
 
 # The parts of a listing written as prose (line breaks kept); the rest of its text is names (marketplace.shown_text).
@@ -175,6 +175,21 @@ def agent_create(
         if Agent.objects.filter(handle=handle).exists():
             raise Conflict(f"The handle {handle!r} is taken.", code="handle_taken") from None
         raise
+
+
+def agent_wallet_prove(*, agent: Agent, wallet_proof: WalletProof | None) -> Agent:
+    """An agent from before proofs were asked for proves its wallet as `POST /agents` would have (400
+    `wallet_proof_*`, 409 `wallet_taken`); from then on it is found by its wallet and registers through Masumi.
+    Proving it again changes nothing: the wallet was proven when it first was."""
+    _wallet_proof_check(owner=agent.owner, handle=agent.handle, wallet_address=agent.wallet_address,
+                        proof=wallet_proof)
+    with transaction.atomic():
+        agent = Agent.objects.select_for_update().get(pk=agent.pk)
+        if agent.wallet_proven_at is None:
+            _wallet_proven_by_another_owner_refuse(owner=agent.owner, wallet_address=agent.wallet_address)
+            agent.wallet_proven_at = timezone.now()
+            agent.save(update_fields=["wallet_proven_at"])
+    return agent
 
 
 def agent_reactivation_check(*, agent: Agent, operator) -> None:

@@ -9,6 +9,7 @@ urlpatterns = [
     path("agents/services/<uuid:service_id>", views.ServiceDetailView.as_view()),
     path("agents/services/<uuid:service_id>/proxy-secret/rotate", views.ServiceProxySecretRotateView.as_view()),
     path("agents/<uuid:agent_id>/api-keys", views.AgentApiKeysView.as_view()),
+    path("agents/<uuid:agent_id>/wallet-proof", views.AgentWalletProofView.as_view()),
     path("agents/<uuid:agent_id>/api-keys/<int:key_id>/revoke", views.AgentApiKeyRevokeView.as_view()),
     path("owner-tokens", views.OwnerTokensView.as_view()),
     path("owner-tokens/<int:token_id>/revoke", views.OwnerTokenRevokeView.as_view()),

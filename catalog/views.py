@@ -19,6 +19,7 @@ from catalog.models import KeyScope, OwnerScope, OwnerToken
 from catalog.serializers import (
     AgentCreateSerializer,
     AgentSerializer,
+    AgentWalletProveSerializer,
     ApiKeyCreateSerializer,
     ApiKeyIssuedSerializer,
     ApiKeyListQuery,
@@ -117,6 +118,23 @@ class OwnerAgentsView(APIView):
                                       wallet_proof=services.WalletProof(**proof) if proof else None,
                                       **body.validated_data)
         return Response(_agent_payload(agent), status=status.HTTP_201_CREATED)
+
+
+class AgentWalletProofView(APIView):
+    permission_classes = [owner_scope(OwnerScope.ADMIN)]
+
+    @extend_schema(operation_id="agents_wallet_prove", summary="Prove an agent's wallet (owner)",
+                   description="For an agent from before `POST /agents` asked for its wallet's proof: with it, the "
+                               "agent is found by its wallet and registers through Masumi. Proving it again changes "
+                               "nothing.", request=AgentWalletProveSerializer,
+                   responses={200: AgentSerializer, **error_responses(404, 409)}, tags=["agents"], auth=OWNER)
+    def post(self, request, agent_id):
+        agent = selectors.agent_get(agent_id=agent_id, owner=request.user)
+        body = AgentWalletProveSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        proof = body.validated_data.get("wallet_proof")
+        agent = services.agent_wallet_prove(agent=agent, wallet_proof=services.WalletProof(**proof) if proof else None)
+        return Response(_agent_payload(agent))
 
 
 class AgentApiKeysView(APIView):

@@ -179,3 +179,80 @@ def test_a_proof_that_is_no_signature_is_400(owner, owner_api, signature, code):
 
     assert refused.status_code == 400 and error_code(refused) == code, refused.content
     assert not Agent.objects.exists()
+
+
+def legacy_agent(owner, wallet=None) -> tuple[Agent, object]:
+    """An agent from before proofs were asked for, and the account holding its wallet."""
+    wallet = wallet or Account.create()
+    return AgentFactory(owner=owner, is_seller=True, wallet_address=wallet.address, wallet_proven_at=None), wallet
+
+
+def test_an_agent_from_before_proofs_proves_its_wallet_and_then_registers_under_it(owner, owner_api):
+    """Before: no route proved an existing agent's wallet, so an agent from before proofs could never be found by
+    its wallet nor register through Masumi (404 on the route)."""
+    agent, wallet = legacy_agent(owner)
+    asked = owner_api.post(f"/agents/{agent.pk}/wallet-proof", {})
+    assert asked.status_code == 400 and error_code(asked) == "wallet_proof_required", asked.content
+    typed = asked.json()["error"]["details"]["typed_data"]
+    assert typed["message"]["handle"] == agent.handle and typed["message"]["wallet"] == agent.wallet_address
+
+    proven = owner_api.post(f"/agents/{agent.pk}/wallet-proof",
+                            {"wallet_proof": signed_proof(wallet, handle=agent.handle, owner=owner)})
+
+    assert proven.status_code == 200, proven.content
+    assert proven.json()["id"] == str(agent.pk) and proven.json()["wallet_proven_at"]
+    agent_api = Api(issue_key(agent, scope="admin"))
+    assert agent_api.post("/registry", registration(agent, name="Proven late")).status_code == 200
+    assert [a["name"] for a in assets(agent_api, walletVKey=agent.wallet_address)] == ["Proven late"]
+
+
+def test_proving_an_agents_wallet_again_keeps_when_it_was_first_proven(owner, owner_api):
+    agent, wallet = legacy_agent(owner)
+    first = owner_api.post(f"/agents/{agent.pk}/wallet-proof",
+                           {"wallet_proof": signed_proof(wallet, handle=agent.handle, owner=owner)})
+    again = owner_api.post(f"/agents/{agent.pk}/wallet-proof",
+                           {"wallet_proof": signed_proof(wallet, handle=agent.handle, owner=owner)})
+    assert again.status_code == 200, again.content
+    assert again.json()["wallet_proven_at"] == first.json()["wallet_proven_at"]
+
+
+def test_an_existing_agents_wallet_is_proven_only_by_its_own_signature_for_that_agent(owner, owner_api):
+    agent, wallet = legacy_agent(owner)
+    stranger = Account.create()
+    cases = {
+        "wallet_proof_mismatch": signed_proof(stranger, handle=agent.handle, owner=owner, wallet=agent.wallet_address),
+        "wallet_proof_mismatch ": signed_proof(wallet, handle="another-handle", owner=owner),
+        "wallet_proof_expired": signed_proof(wallet, handle=agent.handle, owner=owner, expires_at=int(time.time()) - 1),
+    }
+    for code, proof in cases.items():
+        refused = owner_api.post(f"/agents/{agent.pk}/wallet-proof", {"wallet_proof": proof})
+        assert (refused.status_code, error_code(refused)) == (400, code.strip()), refused.content
+    agent.refresh_from_db()
+    assert agent.wallet_proven_at is None
+
+
+def test_a_wallet_another_owner_proved_is_not_proven_for_an_older_agent(owner, owner_api):
+    agent, wallet = legacy_agent(owner)
+    AgentFactory(wallet_address=wallet.address)  # another owner's, proven
+
+    taken = owner_api.post(f"/agents/{agent.pk}/wallet-proof",
+                           {"wallet_proof": signed_proof(wallet, handle=agent.handle, owner=owner)})
+
+    assert (taken.status_code, error_code(taken)) == (409, "wallet_taken"), taken.content
+    agent.refresh_from_db()
+    assert agent.wallet_proven_at is None
+
+
+def test_only_the_agents_owner_with_an_admin_token_proves_its_wallet(owner):
+    agent, wallet = legacy_agent(owner)
+    body = {"wallet_proof": signed_proof(wallet, handle=agent.handle, owner=owner)}
+
+    stranger = Api(issue_owner_token(UserFactory())).post(f"/agents/{agent.pk}/wallet-proof", body)
+    reader = Api(issue_owner_token(owner, scope="read")).post(f"/agents/{agent.pk}/wallet-proof", body)
+    its_key = Api(issue_key(agent, scope="admin")).post(f"/agents/{agent.pk}/wallet-proof", body)
+
+    assert (stranger.status_code, error_code(stranger)) == (404, "agent_not_found"), stranger.content
+    assert (reader.status_code, error_code(reader)) == (403, "insufficient_scope"), reader.content
+    assert its_key.status_code in (401, 403), its_key.content
+    agent.refresh_from_db()
+    assert agent.wallet_proven_at is None

@@ -111,7 +111,7 @@ def test_buyer_only_agent_cannot_list_services(buyer):
 
 
 def test_reserved_and_duplicate_skill_names(seller_api):
-    reserved = seller_api.post("/agents/services", service_data(skills=[{"name": "policies"}]))
+    reserved = seller_api.post("/agents/services", service_data(skills=[{"name": "wallet-proof"}]))
     assert error_code(reserved) == "skill_name_reserved"
     assert seller_api.post("/agents/services", service_data()).status_code == 201
     clash = seller_api.post("/agents/services", service_data(name="Other"))

@@ -111,6 +111,7 @@ OBJECTS = {
     "api_keys_list": Reach("owner", None),
     "api_keys_issue": Reach("owner", None, {"scope": "read"}),
     "api_keys_revoke": Reach("owner", None),
+    "agents_wallet_prove": Reach("owner", None),
     "owner_tokens_revoke": Reach("owner", None),
     "approvals_list": Reach("owner", None),
     "approvals_approve": Reach("owner", None),
