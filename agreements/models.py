@@ -406,6 +406,8 @@ class UsageEvent(models.Model):
         ordering = ["agreement", "seq"]
         # The admin shows the path the buyer called and the charge's description as a digest but to staff with it.
         permissions = [("view_usage_request", "Can view usage events' request (path and description)")]
+        # The dashboard's charts read a recent period of every agreement's events: without it, every event ever.
+        indexes = [models.Index(fields=["created_at"], name="usage_event_created_at")]
         constraints = [
             models.UniqueConstraint(fields=["agreement", "seq"], name="usage_event_gap_free_seq"),
             models.UniqueConstraint(fields=["agreement", "request_nonce"], condition=~Q(request_nonce=""),

@@ -2,9 +2,11 @@
 begins with it, and every lookup of an agreement's events uses it."""
 
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from agreements import selectors
 from agreements.models import UsageAgreement, UsageEvent
@@ -31,3 +33,26 @@ def test_an_agreements_events_are_found_through_the_seq_index(query):
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL enable_seqscan = off")  # the test table is small: ask which index it would use
     assert "usage_event_gap_free_seq" in query(agreement).explain()
+
+
+@pytest.mark.parametrize("series", [selectors.usage_calls_by_bucket, selectors.usage_charged_by_bucket])
+def test_the_dashboards_usage_charts_read_only_their_period_through_the_created_at_index(series, monkeypatch):
+    """Before: no index on created_at, so every dashboard load read every usage event ever charged (a sequential
+    scan of the largest table), however short its period."""
+    from django.db.models.query import QuerySet
+
+    plans = []
+    values_list = QuerySet.values_list
+
+    def explained(self, *fields, **kwargs):
+        rows = values_list(self, *fields, **kwargs)
+        if self.model is UsageEvent:
+            plans.append(rows.explain())
+        return rows
+
+    monkeypatch.setattr(QuerySet, "values_list", explained)
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")  # the test table is small: ask which index it would use
+    series(since=timezone.now() - timedelta(hours=24), step=timedelta(hours=1))
+
+    assert len(plans) == 1 and "usage_event_created_at" in plans[0], plans
