@@ -555,9 +555,10 @@ class MarketplaceClient:
         `escrow_status`, with its reason; one the buyer, or anyone with a copy, cancelled on-chain first is named as
         the agreement's cancellation). With
         `rpc_url`, the cancellation named must be on-chain as the buyer's RPC reads it (the token's
-        AuthorizationCanceled of this wallet and nonce in that transaction), else the wait goes on (`TimeoutError`
-        naming it): the marketplace naming any transaction kept the authorization valid, the buyer believing it
-        revoked. Without one, that is the marketplace's word."""
+        AuthorizationCanceled of this wallet and nonce in that transaction), and so must the use named (its
+        AuthorizationUsed), else the wait goes on (`TimeoutError` naming it): the marketplace naming any transaction
+        kept the authorization valid, the buyer believing it revoked, or spent. Without one, that is the
+        marketplace's word."""
         wallet = as_wallet(wallet)
         with self._lock:
             signed = self._payment_authorizations.get(_proposal_key(agreement_id))
@@ -585,27 +586,40 @@ class MarketplaceClient:
             return answer
 
         def used_by(agreement: dict[str, Any]) -> str | None:
+            """The transfer the agreement names as a use of the authorization, when new since the cancellation."""
             paid = agreement.get("payment_tx_hash")
             return paid if paid and paid != paid_before else None
 
+        def shown(named: Any, logged: str) -> bool:
+            """Whether the transaction `named` did to this wallet's authorization `nonce` what the marketplace says,
+            as the buyer's RPC shows it (`logged`: `ChainReader.authorization_cancelled` or `authorization_used`, the
+            token's event of the wallet and nonce in it); without an RPC, the marketplace's word."""
+            if not named:
+                return False
+            if self._chain is None:
+                return True
+            try:
+                return bool(getattr(self._chain, logged)(str(named), token=self.network.token_address,
+                                                         authorizer=wallet.address, nonce=authorization_nonce))
+            except RpcError:  # a node that does not show it (yet): waited for, as one that shows nothing
+                return False
+
         cancelled: list[dict[str, Any]] = []  # the last agreement read, when its cancellation holds
+        used: list[str] = []  # the use the last agreement read names, when it holds
 
         def read() -> dict[str, Any]:
-            """The agreement, and whether the cancellation it names holds: through the buyer's RPC when there is
-            one (the token's AuthorizationCanceled of this wallet and nonce, in that transaction)."""
+            """The agreement, and whether the cancellation or the use it names holds: through the buyer's RPC when
+            there is one. A use believed on the marketplace's word would have the buyer stop revoking an
+            authorization still valid, as a cancellation believed would."""
             agreement = self.get_agreement(agreement_id)
-            named = agreement.get("payment_authorization_cancel_tx_hash")
-            if named and self._chain is not None:
-                try:
-                    named = self._chain.authorization_cancelled(str(named), token=self.network.token_address,
-                                                                authorizer=wallet.address, nonce=authorization_nonce)
-                except RpcError:  # a node that does not show it (yet): waited for, as one that shows nothing
-                    named = False
-            cancelled[:] = [agreement] if named else []
+            cancelled[:] = [agreement] if shown(agreement.get("payment_authorization_cancel_tx_hash"),
+                                                "authorization_cancelled") else []
+            paid = used_by(agreement)
+            used[:] = [paid] if paid and shown(paid, "authorization_used") else []
             return agreement
 
         def concluded(agreement: dict[str, Any]) -> bool:
-            return bool(cancelled) or bool(used_by(agreement))
+            return bool(cancelled) or bool(used)
 
         sent = answer.get("transaction") if isinstance(answer, dict) else None
         cancel_id = sent.get("id") if isinstance(sent, dict) else None
@@ -627,17 +641,18 @@ class MarketplaceClient:
 
         def late(agreement: dict[str, Any] | None) -> str:
             named = agreement.get("payment_authorization_cancel_tx_hash") if isinstance(agreement, dict) else None
-            shown = f" (the marketplace names {str(named)[:80]}, which the buyer's RPC does not show cancelling it)" \
-                if named else ""
+            paid = used_by(agreement) if isinstance(agreement, dict) else None
+            unshown = [f"{str(tx)[:80]}, which the buyer's RPC does not show {what} it"
+                       for tx, what in ((named, "cancelling"), (paid, "using")) if tx]
             return (f"agreement {agreement_id}'s payment authorization is not cancelled on-chain after {timeout:g} s"
-                    f"{shown}")
+                    + (f" (the marketplace names {'; and '.join(unshown)})" if unshown else ""))
 
         agreement = self._poll(fetch, lambda agreement: concluded(agreement) or bool(failure),
                                timeout=timeout, poll_interval=poll_interval, late=late)
         if cancelled:
             return agreement
-        if used := used_by(agreement):
-            raise PaymentAuthorizationUsed(agreement, used)
+        if used:
+            raise PaymentAuthorizationUsed(agreement, used[0])
         raise PaymentAuthorizationCancelFailed(agreement, failure[-1])
 
     # --- escrow --------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ _PROPOSED = keccak(text="SettlementProposed(bytes32,address,uint256,uint256,byte
 _PROPOSED_DATA = ("uint256", "uint256", "bytes32", "uint64")
 # EIP-3009's event of an authorization revoked by its authorizer (USDC's, and the dev chain's MockUSDC's).
 _AUTHORIZATION_CANCELED = keccak(text="AuthorizationCanceled(address,bytes32)")
+_AUTHORIZATION_USED = keccak(text="AuthorizationUsed(address,bytes32)")
 _STATES = ("none", "active", "proposed", "disputed", "resolved", "settled", "reclaimed")
 
 
@@ -218,6 +219,17 @@ class ChainReader:
         """Whether the transaction `tx_hash` is mined, succeeded, and revoked `authorizer`'s EIP-3009 authorization
         `nonce` on `token` (the token's own AuthorizationCanceled log of them). False when the node knows no such
         transaction."""
+        return self._authorization_logged(tx_hash, _AUTHORIZATION_CANCELED, token=token, authorizer=authorizer,
+                                          nonce=nonce)
+
+    def authorization_used(self, tx_hash: str, *, token: str, authorizer: str, nonce: str) -> bool:
+        """Whether the transaction `tx_hash` is mined, succeeded, and used `authorizer`'s EIP-3009 authorization
+        `nonce` on `token` (the token's own AuthorizationUsed log of them). False when the node knows no such
+        transaction."""
+        return self._authorization_logged(tx_hash, _AUTHORIZATION_USED, token=token, authorizer=authorizer,
+                                          nonce=nonce)
+
+    def _authorization_logged(self, tx_hash: str, event: bytes, *, token: str, authorizer: str, nonce: str) -> bool:
         receipt = self._rpc("eth_getTransactionReceipt", [tx_hash])
         if receipt is None:
             return False
@@ -226,7 +238,7 @@ class ChainReader:
             raise MalformedAnswer(f"eth_getTransactionReceipt: not a receipt: {str(receipt)[:100]!r}")
         if receipt.get("status") != "0x1" or not receipt.get("blockNumber"):
             return False
-        wanted = ["0x" + _AUTHORIZATION_CANCELED.hex(), "0x" + authorizer.lower().removeprefix("0x").rjust(64, "0"),
+        wanted = ["0x" + event.hex(), "0x" + authorizer.lower().removeprefix("0x").rjust(64, "0"),
                   nonce.lower()]
         return any(isinstance(log, dict) and str(log.get("address")).lower() == token.lower()
                    and isinstance(log.get("topics"), list) and [str(topic).lower() for topic in log["topics"]] == wanted

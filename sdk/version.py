@@ -1,5 +1,11 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.18: with rpc_url, cancel_payment_authorization(wait=True) raises PaymentAuthorizationUsed only once the buyer's
+# RPC shows the transaction the marketplace names emitting the token's AuthorizationUsed of the wallet and nonce
+# (ChainReader.authorization_used; else the wait goes on to its TimeoutError): any payment_tx_hash it named had the
+# buyer stop revoking an authorization still valid; sign_wallet_proof refuses an expires_at more than a day away or
+# not in the future (DeadlineOutOfRange on "wallet_proof.expires_at"): the expiry the marketplace's 400 names was
+# signed as it came, years away included;
 # 0.4.17: sign_wallet_proof (sdk.wallet_proof), the wallet's EIP-712 WalletProof that POST /agents asks for;
 # sdk.typed_data.wallet_proof builds it.
 # 0.4.16: a listing (search_services, list_agreements, usage; verify_usage's) yields at most max_items (100,000 by
@@ -121,4 +127,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.17"
+VERSION = "0.4.18"

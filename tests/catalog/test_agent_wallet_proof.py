@@ -19,13 +19,15 @@ from tests.conftest import Api, error_code
 pytestmark = pytest.mark.django_db
 
 
-def signed_proof(account, *, handle: str, owner, wallet: str | None = None, **bounds) -> dict:
-    """`account`'s proof for its own wallet (the SDK's), or signed for `wallet` (another address: a typo)."""
-    if wallet is None:
-        return signed_wallet_proof(account, handle=handle, owner=owner, **bounds)
-    expires_at = int(time.time()) + 600
-    typed = wallet_proof(chain_id=settings.CHAIN_ID, handle=handle, wallet=wallet, owner_id=owner.pk,
-                         expires_at=expires_at)
+def signed_proof(account, *, handle: str, owner, wallet: str | None = None, expires_at: int | None = None,
+                 chain_id: int | None = None) -> dict:
+    """`account`'s proof for its own wallet (the SDK's), or, signed here as any wallet could, for `wallet` (another
+    address: a typo) or until an `expires_at` the SDK refuses to sign (past, or more than a day away)."""
+    if wallet is None and expires_at is None:
+        return signed_wallet_proof(account, handle=handle, owner=owner, chain_id=chain_id)
+    expires_at = int(time.time()) + 600 if expires_at is None else expires_at
+    typed = wallet_proof(chain_id=chain_id or settings.CHAIN_ID, handle=handle, wallet=wallet or account.address,
+                         owner_id=owner.pk, expires_at=expires_at, domain_name=settings.WALLET_PROOF_DOMAIN_NAME)
     return {"signature": "0x" + bytes(Account.sign_typed_data(account.key, full_message=typed).signature).hex(),
             "expires_at": expires_at}
 

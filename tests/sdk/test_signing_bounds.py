@@ -23,8 +23,8 @@ from eth_utils import keccak
 from x402 import PaymentRequired, PaymentRequirements
 from x402.http import decode_payment_signature_header, encode_payment_required_header
 
-from sdk import (AgreedTerms, MarketplaceClient, MarketplaceError, SellerUnverified, SigningRefused, TokenDomain,
-                 proxy_signature, typed_data)
+from sdk import (AgreedTerms, MarketplaceClient, MarketplaceError, PaymentAuthorizationUsed, SellerUnverified,
+                 SigningRefused, TokenDomain, proxy_signature, typed_data)
 from sdk.activation import expected_activation
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
 from sdk.onchain import ChainReader, OnchainEscrow
@@ -1067,10 +1067,12 @@ AUTHORIZATION_CANCELED = "0x" + keccak(text="AuthorizationCanceled(address,bytes
 
 class CancelClaimingMarketplace:
     """A compromised marketplace relaying the buyer's cancellation of `CANCELLED_NONCE`, then naming `CANCEL_TX` as
-    its mined cancellation, whatever the chain holds."""
+    its mined cancellation (or, with `claims_use`, `USE_TX` as a use of the authorization that outran it), whatever
+    the chain holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, claims_use: bool = False) -> None:
         self.relayed = False
+        self.claims_use = claims_use
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         agreement_id = request.url.path.split("/")[2]
@@ -1081,6 +1083,10 @@ class CancelClaimingMarketplace:
                     nonce=CANCELLED_NONCE, token_name=DOMAIN.name, token_version=DOMAIN.version)})
             self.relayed = True
             return httpx.Response(202, json={"status": "submitting", "transaction": {"id": "t1"}})
+        if self.claims_use:
+            return httpx.Response(200, json={"id": agreement_id, "status": "rejected",
+                                             "payment_tx_hash": USE_TX if self.relayed else None,
+                                             "payment_authorization_cancel_tx_hash": None})
         return httpx.Response(200, json={"id": agreement_id, "status": "rejected", "payment_tx_hash": None,
                                          "payment_authorization_cancel_tx_hash": CANCEL_TX if self.relayed else None})
 
@@ -1090,8 +1096,8 @@ def cancellation_log(*, address: str = NETWORK.token_address, nonce: str = CANCE
             "topics": [AUTHORIZATION_CANCELED, "0x" + BUYER[2:].lower().rjust(64, "0"), nonce]}
 
 
-def cancellation_node(receipt: dict[str, Any] | None) -> type[BaseHTTPRequestHandler]:
-    """A JSON-RPC node on the pinned chain whose token reads the pinned domain and whose receipt of `CANCEL_TX` is
+def cancellation_node(receipt: dict[str, Any] | None, tx_hash: str = CANCEL_TX) -> type[BaseHTTPRequestHandler]:
+    """A JSON-RPC node on the pinned chain whose token reads the pinned domain and whose receipt of `tx_hash` is
     `receipt` (None: no such transaction)."""
 
     class Node(JsonRpcNode):
@@ -1105,7 +1111,7 @@ def cancellation_node(receipt: dict[str, Any] | None) -> type[BaseHTTPRequestHan
                                        [b"\x0f", DOMAIN.name, DOMAIN.version, NETWORK.chain_id,
                                         NETWORK.token_address, b"\x00" * 32, []]).hex()
             elif method == "eth_getTransactionReceipt":
-                result = receipt if params[0] == CANCEL_TX else None
+                result = receipt if params[0] == tx_hash else None
             else:
                 raise AssertionError(call)
             self.answer_json(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": result}).encode())
@@ -1145,6 +1151,48 @@ def test_a_cancellation_the_buyers_rpc_does_not_show_is_not_taken_on_the_marketp
 
 def test_a_cancellation_the_buyers_rpc_shows_is_returned():
     assert cancel_through(mined(cancellation_log()))["payment_authorization_cancel_tx_hash"] == CANCEL_TX
+
+
+USE_TX = "0x" + "0e" * 32  # the transaction the marketplace names as a use of the authorization
+AUTHORIZATION_USED = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
+
+
+def use_log(*, address: str = NETWORK.token_address, nonce: str = CANCELLED_NONCE) -> dict[str, Any]:
+    return {"address": address.lower(), "data": "0x",
+            "topics": [AUTHORIZATION_USED, "0x" + BUYER[2:].lower().rjust(64, "0"), nonce]}
+
+
+def cancel_while_a_use_is_claimed(receipt: dict[str, Any] | None) -> dict[str, Any]:
+    with serving(cancellation_node(receipt, USE_TX)) as rpc_url, MarketplaceClient(
+            "https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
+            transport=httpx.MockTransport(CancelClaimingMarketplace(claims_use=True))) as buyer:
+        return buyer.cancel_payment_authorization(str(uuid.uuid4()), KEY, authorization_nonce=CANCELLED_NONCE,
+                                                  wait=True, timeout=1.0, poll_interval=0.05)
+
+
+@pytest.mark.parametrize("receipt", [
+    None,  # no such transaction
+    mined(),  # a transaction that used nothing
+    mined(use_log(nonce="0x" + "77" * 32)),  # another authorization's use
+    mined(use_log(address=SELLER)),  # the same event from another contract than the token
+    mined(use_log(), status="0x0"),  # reverted
+    mined(cancellation_log()),  # a cancellation is no use
+], ids=["unknown", "no log", "another nonce", "another contract", "reverted", "a cancellation"])
+def test_a_use_of_the_authorization_the_buyers_rpc_does_not_show_is_not_taken_on_the_marketplaces_word(receipt):
+    """`cancel_payment_authorization(wait=True)` raised `PaymentAuthorizationUsed` ("the money went to the seller;
+    the cancellation ... never will run") as soon as the marketplace named any new `payment_tx_hash`, though the
+    buyer's RPC was there to check it: a compromised marketplace had the buyer stop revoking an authorization that
+    stayed valid (to be settled later, within its validBefore). With rpc_url, the transaction must have emitted the
+    token's AuthorizationUsed of this authorizer and nonce, else the wait goes on to its timeout."""
+    with pytest.raises(TimeoutError) as late:
+        cancel_while_a_use_is_claimed(receipt)
+    assert USE_TX in str(late.value)
+
+
+def test_a_use_of_the_authorization_the_buyers_rpc_shows_is_raised():
+    with pytest.raises(PaymentAuthorizationUsed) as used:
+        cancel_while_a_use_is_claimed(mined(use_log()))
+    assert used.value.used_by == USE_TX
 
 
 def test_a_direct_purchase_signs_its_payment_under_the_nonce_the_buyer_chose():

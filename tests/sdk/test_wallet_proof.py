@@ -1,33 +1,36 @@
 """`sdk.sign_wallet_proof`: the wallet's EIP-712 proof that it is an agent's (POST /agents, `wallet_proof`)."""
 
+import time
+
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from sdk import LocalWallet, sign_wallet_proof
+from sdk import DeadlineOutOfRange, LocalWallet, sign_wallet_proof
 from sdk.typed_data import WALLET_PROOF_DOMAIN_NAME, recover_typed_data_signer, wallet_proof
 
 KEY = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"  # Anvil #1 (public)
 ADDRESS = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
+EXPIRES_AT = int(time.time()) + 600  # the validity the marketplace's 400 wallet_proof_required offers
 
 
 def test_the_proof_is_the_wallets_signature_of_handle_wallet_owner_chain_and_expiry():
-    proof = sign_wallet_proof(KEY, chain_id=8453, handle="my-seller", owner_id=42, expires_at=1_900_000_000)
+    proof = sign_wallet_proof(KEY, chain_id=8453, handle="my-seller", owner_id=42, expires_at=EXPIRES_AT)
 
-    typed = wallet_proof(chain_id=8453, handle="my-seller", wallet=ADDRESS, owner_id=42, expires_at=1_900_000_000)
-    assert proof["expires_at"] == 1_900_000_000
+    typed = wallet_proof(chain_id=8453, handle="my-seller", wallet=ADDRESS, owner_id=42, expires_at=EXPIRES_AT)
+    assert proof["expires_at"] == EXPIRES_AT
     assert recover_typed_data_signer(typed, proof["signature"]) == ADDRESS
     assert typed["domain"] == {"name": WALLET_PROOF_DOMAIN_NAME, "version": "1", "chainId": 8453}
     # eth-account's own encoding of the same message and signature: what wallets' eth_signTypedData_v4 sign.
     assert Account.recover_message(encode_typed_data(full_message=typed), signature=proof["signature"]) == ADDRESS
     assert sign_wallet_proof(LocalWallet(KEY), chain_id=8453, handle="my-seller", owner_id=42,
-                             expires_at=1_900_000_000) == proof
+                             expires_at=EXPIRES_AT) == proof
 
 
 @pytest.mark.parametrize("other", [{"handle": "other"}, {"owner_id": 43}, {"chain_id": 84532},
-                                   {"expires_at": 1_900_000_001}, {"domain_name": "Another marketplace"}])
+                                   {"expires_at": EXPIRES_AT + 1}, {"domain_name": "Another marketplace"}])
 def test_a_proof_proves_nothing_for_another_agent_owner_chain_expiry_or_marketplace(other):
-    signed = {"chain_id": 8453, "handle": "my-seller", "owner_id": 42, "expires_at": 1_900_000_000}
+    signed = {"chain_id": 8453, "handle": "my-seller", "owner_id": 42, "expires_at": EXPIRES_AT}
     proof = sign_wallet_proof(KEY, **signed)
 
     typed = wallet_proof(wallet=ADDRESS, **{**signed, **other})
@@ -37,4 +40,22 @@ def test_a_proof_proves_nothing_for_another_agent_owner_chain_expiry_or_marketpl
 @pytest.mark.parametrize("bad", [{"owner_id": -1}, {"owner_id": "42"}, {"expires_at": 2**256}])
 def test_out_of_range_fields_are_refused_before_signing(bad):
     with pytest.raises(ValueError):
-        sign_wallet_proof(KEY, **{"chain_id": 8453, "handle": "h", "owner_id": 42, "expires_at": 1, **bad})
+        sign_wallet_proof(KEY, **{"chain_id": 8453, "handle": "h", "owner_id": 42, "expires_at": EXPIRES_AT, **bad})
+
+
+@pytest.mark.parametrize("expires_in", [86_400 + 60, 10 * 365 * 86_400, 2**200, 0, -60])
+def test_a_proof_valid_for_more_than_a_day_or_already_expired_is_not_signed(expires_in):
+    """The proof's expiry is what the marketplace's 400 `wallet_proof_required` names (`message.expiresAt`, which the
+    README's walk passes on as it is): a compromised marketplace naming one years away had the wallet sign a proof that
+    it is the agent's valid until then, for a deployment on any day to accept (the honest one takes a day at most).
+    Beyond a day from now, or not in the future, it is refused before the wallet is asked."""
+    with pytest.raises(DeadlineOutOfRange) as refusal:
+        sign_wallet_proof(KEY, chain_id=8453, handle="my-seller", owner_id=42,
+                          expires_at=int(time.time()) + expires_in)
+    assert refusal.value.field == "wallet_proof.expires_at"
+
+
+def test_a_proof_valid_for_a_day_is_signed():
+    expires_at = int(time.time()) + 86_400 - 5
+    assert sign_wallet_proof(KEY, chain_id=8453, handle="my-seller", owner_id=42,
+                             expires_at=expires_at)["expires_at"] == expires_at
