@@ -931,17 +931,58 @@ class MarketplaceClient:
                              idempotency_key=idempotency_key or _new_key())
 
     def complete(self, agreement_id: AgreementId, reason: str = "", *, wait: bool = False, timeout: float = 300.0,
-                 poll_interval: float = 2.0) -> dict[str, Any]:
+                 poll_interval: float = 2.0, buyer_wallet_address: str | None = None) -> dict[str, Any]:
         """End the agreement (buyer or seller): the relayer proposes the settlement and the window opens.
 
         The proposal goes on-chain after the answer, so the agreement comes back still `active` (completing); with
         `wait=True` this polls until the proposal is on-chain and returns the agreement `in_challenge` (with its
-        `challenge_deadline`), or already past it."""
+        `challenge_deadline`), or already past it. With `rpc_url` and the buyer's wallet known (`buyer_wallet_address`,
+        else the one this client activated the agreement with), the status returned must be the buyer's escrow's as
+        the RPC reads it (`_completion_shown`), else the wait goes on to its `TimeoutError`: a compromised marketplace
+        answering "settled", or a later challenge deadline, while the window is open would have the buyer let it
+        close. Without them, the status is the marketplace's word."""
         answer = self._request("POST", f"/usage-agreements/{agreement_id}/complete", json={"reason": reason})
         if not wait:
             return answer
-        return self.wait_until(agreement_id, statuses={"in_challenge", "disputed", "settling", "settled"},
-                               failure=frozenset(), timeout=timeout, poll_interval=poll_interval)
+        statuses = {"in_challenge", "disputed", "settling", "settled"}
+        if buyer_wallet_address is None:
+            with self._lock:
+                buyer_wallet_address = self._activated.get(_proposal_key(agreement_id))
+        if self._chain is None or buyer_wallet_address is None:
+            return self.wait_until(agreement_id, statuses=statuses, failure=frozenset(), timeout=timeout,
+                                   poll_interval=poll_interval)
+        buyer = buyer_wallet_address
+
+        def reached(agreement: dict[str, Any]) -> bool:
+            return _stated_status(agreement, "status", where="agreement") in statuses and self._completion_shown(
+                agreement, buyer)
+
+        return self._poll(lambda: self.get_agreement(agreement_id), reached, timeout=timeout,
+                          poll_interval=poll_interval, late=lambda agreement: (
+                              f"agreement {agreement_id} is not completed on-chain as the buyer's RPC reads its escrow "
+                              f"after {timeout:g} s (the marketplace names it {_still(agreement, 'status')})"))
+
+    def _completion_shown(self, agreement: Mapping[str, Any], buyer: str) -> bool:
+        """Whether the buyer's escrow, through its RPC, is in the state the completed agreement names: `in_challenge`,
+        a settlement proposed with the agreement's `challenge_deadline`; `disputed`, disputed; `settling`, a
+        proposal whose window has passed, a dispute or a resolution (or settled already); `settled`, settled. An
+        agreement whose escrow id is not its own, or an escrow that does not read, shows nothing (yet)."""
+        status = agreement.get("status")
+        try:
+            escrow = self._reader().escrow(self.network.escrow_address, check_onchain_id(agreement), buyer=buyer,
+                                           from_block=self.network.escrow_deployment_block)
+        except (RpcError, SigningRefused):
+            return False
+        if status == "in_challenge":
+            try:
+                stated = agreed_time(agreement, "challenge_deadline")
+            except SigningRefused:
+                return False
+            return escrow.state == "proposed" and escrow.challenge_deadline == stated
+        if status == "settling":
+            return escrow.state in ("disputed", "resolved", "settled") or (
+                escrow.state == "proposed" and escrow.challenge_deadline <= int(time.time()))
+        return escrow.state == status  # "disputed", "settled"
 
     def challenge(self, agreement: Mapping[str, Any], wallet: str | Wallet, reason: str, *, evidence: str = "",
                   idempotency_key: str | None = None) -> dict[str, Any]:

@@ -5,7 +5,11 @@
 # (ChainReader.authorization_used; else the wait goes on to its TimeoutError): any payment_tx_hash it named had the
 # buyer stop revoking an authorization still valid; sign_wallet_proof refuses an expires_at more than a day away or
 # not in the future (DeadlineOutOfRange on "wallet_proof.expires_at"): the expiry the marketplace's 400 names was
-# signed as it came, years away included;
+# signed as it came, years away included; with rpc_url and the buyer's wallet known (buyer_wallet_address=, or the
+# wallet this client activated the agreement with), complete(wait=True) returns the agreement only once its status is
+# the buyer's escrow's as the RPC reads it (in_challenge: proposed, with the agreement's challenge_deadline; settled:
+# settled), else the wait goes on to its TimeoutError: "settled", or a later deadline, while the window was open was
+# the marketplace's word;
 # 0.4.17: sign_wallet_proof (sdk.wallet_proof), the wallet's EIP-712 WalletProof that POST /agents asks for;
 # sdk.typed_data.wallet_proof builds it.
 # 0.4.16: a listing (search_services, list_agreements, usage; verify_usage's) yields at most max_items (100,000 by

@@ -197,6 +197,10 @@ def test_metered_calls_verified_receipts_completion_and_challenge(live_server, e
             assert (closed.value.status, closed.value.code) == (409, "agreement_completing")
             settlement.settlement_tick()
             buyer.wait_until(agreement_id, statuses={"in_challenge"}, timeout=60, poll_interval=0.2)
+            # complete(wait=True) (a repeat is a no-op) returns the agreement once the buyer's RPC shows its escrow
+            # proposed, with the agreement's challenge deadline.
+            completed = buyer.complete(agreement_id, wait=True, timeout=30, poll_interval=0.2)
+            assert completed["status"] == "in_challenge" and completed["challenge_deadline"]
             # As fetched once active: the escrow's events are looked for from its activation transaction's block.
             assert active["activation_tx_hash"]
             assert buyer.verify_usage(active).usage_digest == buyer.escrow_status(

@@ -750,3 +750,63 @@ def test_an_escrow_record_the_node_cannot_read_is_a_usage_verification_error(mon
                            transport=marketplace) as buyer:
         with pytest.raises(receipts.UsageEscrowUnreadable):
             buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
+
+
+# --- what complete(wait=True) returns ------------------------------------------------------------------------------
+
+ONCHAIN_DEADLINE = int(time.time()) + 3600  # the escrow's challenge deadline as the buyer's RPC reads it
+
+
+def completing_marketplace(agreement_id: str, status: str, challenge_deadline: int | None):
+    """A marketplace answering the agreement, once completed, in `status` with `challenge_deadline` (unix time)."""
+    from tests.sdk.test_signing_bounds import BUYER, onchain_id_of
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        agreement = {"id": agreement_id, "onchain_id": onchain_id_of(agreement_id), "status": "active",
+                     "buyer_wallet_address": BUYER, "challenge_deadline": None}
+        if request.method == "GET":
+            agreement["status"] = status
+            if challenge_deadline is not None:
+                agreement["challenge_deadline"] = datetime.fromtimestamp(challenge_deadline, UTC).isoformat()
+        return httpx.Response(200, json=agreement)
+
+    return answer
+
+
+def complete_through(monkeypatch, *, status: str, challenge_deadline: int | None, onchain: str,
+                     rpc_url: str | None = "https://node.invalid") -> dict[str, Any]:
+    from tests.sdk.test_signing_bounds import BUYER, proposed_escrow
+
+    monkeypatch.setattr(ChainReader, "escrow", proposed_escrow(ONCHAIN_DEADLINE, state=onchain))
+    agreement_id = str(uuid.uuid4())
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
+                           transport=httpx.MockTransport(completing_marketplace(agreement_id, status,
+                                                                                challenge_deadline))) as buyer:
+        return buyer.complete(agreement_id, wait=True, timeout=0.5, poll_interval=0.05, buyer_wallet_address=BUYER)
+
+
+@pytest.mark.parametrize(("status", "challenge_deadline", "onchain"), [
+    pytest.param("settled", None, "proposed", id="settled, the window still open on-chain"),
+    pytest.param("settling", None, "proposed", id="settling, the window still open on-chain"),
+    pytest.param("in_challenge", ONCHAIN_DEADLINE + 86_400, "proposed", id="a later challenge deadline"),
+    pytest.param("in_challenge", ONCHAIN_DEADLINE, "active", id="nothing proposed on-chain"),
+    pytest.param("disputed", None, "proposed", id="disputed, nothing disputed on-chain"),
+])
+def test_a_completion_the_buyers_rpc_does_not_show_is_not_taken_on_the_marketplaces_word(
+        monkeypatch, status, challenge_deadline, onchain):
+    """`complete(wait=True)` returned the agreement as soon as the marketplace named it proposed on-chain or past it,
+    though the buyer's RPC was there to read the escrow: a compromised marketplace answering "settled" (or a challenge
+    deadline a day later than the escrow's) while the window was open had the buyer let it close, an inflated
+    settlement proposal unchallenged. With rpc_url, the buyer's escrow must show the status (`in_challenge`: its
+    proposal, with the agreement's challenge deadline; `settled`: settled), else the wait goes on to its timeout."""
+    with pytest.raises(TimeoutError, match="on-chain"):
+        complete_through(monkeypatch, status=status, challenge_deadline=challenge_deadline, onchain=onchain)
+
+
+@pytest.mark.parametrize(("status", "challenge_deadline", "onchain"), [
+    ("in_challenge", ONCHAIN_DEADLINE, "proposed"), ("disputed", None, "disputed"), ("settled", None, "settled"),
+    ("settling", None, "resolved"),
+])
+def test_a_completion_the_buyers_rpc_shows_is_returned(monkeypatch, status, challenge_deadline, onchain):
+    assert complete_through(monkeypatch, status=status, challenge_deadline=challenge_deadline,
+                            onchain=onchain)["status"] == status
