@@ -774,12 +774,13 @@ def completing_marketplace(agreement_id: str, status: str, challenge_deadline: i
 
 
 def complete_through(monkeypatch, *, status: str, challenge_deadline: int | None, onchain: str,
-                     rpc_url: str | None = "https://node.invalid") -> dict[str, Any]:
+                     onchain_deadline: int = ONCHAIN_DEADLINE) -> dict[str, Any]:
     from tests.sdk.test_signing_bounds import BUYER, proposed_escrow
 
-    monkeypatch.setattr(ChainReader, "escrow", proposed_escrow(ONCHAIN_DEADLINE, state=onchain))
+    monkeypatch.setattr(ChainReader, "escrow", proposed_escrow(onchain_deadline, state=onchain))
+    monkeypatch.setattr(ChainReader, "now", lambda self: int(time.time()))
     agreement_id = str(uuid.uuid4())
-    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url,
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="https://node.invalid",
                            transport=httpx.MockTransport(completing_marketplace(agreement_id, status,
                                                                                 challenge_deadline))) as buyer:
         return buyer.complete(agreement_id, wait=True, timeout=0.5, poll_interval=0.05, buyer_wallet_address=BUYER)
@@ -810,3 +811,8 @@ def test_a_completion_the_buyers_rpc_does_not_show_is_not_taken_on_the_marketpla
 def test_a_completion_the_buyers_rpc_shows_is_returned(monkeypatch, status, challenge_deadline, onchain):
     assert complete_through(monkeypatch, status=status, challenge_deadline=challenge_deadline,
                             onchain=onchain)["status"] == status
+
+
+def test_a_completion_settling_once_the_on_chain_window_is_over_is_returned(monkeypatch):
+    assert complete_through(monkeypatch, status="settling", challenge_deadline=None, onchain="proposed",
+                            onchain_deadline=int(time.time()) - 1)["status"] == "settling"
