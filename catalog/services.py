@@ -223,10 +223,19 @@ def api_key_issue(*, agent: Agent, scope: str = KeyScope.PAY, name: str = "",
     return IssuedCredential(credential=key, secret=issued.plaintext)
 
 
-def owner_token_issue(*, owner: AbstractBaseUser, scope: str, name: str = "", expires_at: datetime | None = None
-                      ) -> IssuedCredential:
+def owner_token_issue(*, owner: AbstractBaseUser, scope: str, name: str = "", expires_at: datetime | None = None,
+                      issued_with: OwnerToken | None = None) -> IssuedCredential:
+    """A token of `owner`'s; `issued_with` the token the request was made with (None: an operator's command, an
+    admin session). A token does not outlive the one that issued it: one given for a day would otherwise mint one
+    for ever. Without `expires_at` it ends with its issuer; a later one is 400 `expiry_beyond_issuer`."""
     if expires_at is not None and expires_at <= timezone.now():
         raise InvalidInput("expires_at must be in the future.", code="expiry_in_past")
+    latest = issued_with.expires_at if issued_with is not None else None
+    if latest is not None and expires_at is None:
+        expires_at = latest
+    elif latest is not None and expires_at > latest:
+        raise InvalidInput("A token cannot expire after the token issuing it.", code="expiry_beyond_issuer",
+                           details={"latest_expiry": latest.isoformat().replace("+00:00", "Z")})
     issued = issue_secret("ot")
     with transaction.atomic():
         # The owner's row, locked, orders two issues at once, so neither passes the count the other makes.

@@ -208,7 +208,8 @@ class OwnerTokensView(APIView):
                    summary="Issue an owner token (owner, `admin` scope); shown once",
                    description="A narrower token for what needs less: `read` for a dashboard, `approve` for an "
                                "approvals app. The first token of an owner is issued by an operator "
-                               "(`manage.py owner_token_issue`).",
+                               "(`manage.py owner_token_issue`). A token expires no later than the token issuing "
+                               "it: without `expires_at` it ends with it, a later one is 400 `expiry_beyond_issuer`.",
                    request=OwnerTokenCreateSerializer,
                    responses={201: OwnerTokenIssuedSerializer, **error_responses(409, 422)}, tags=["owners"],
                    auth=OWNER)
@@ -216,7 +217,9 @@ class OwnerTokensView(APIView):
     def post(self, request):
         body = OwnerTokenCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        issued = services.owner_token_issue(owner=request.user, **body.validated_data)
+        issued = services.owner_token_issue(
+            owner=request.user, issued_with=request.auth if isinstance(request.auth, OwnerToken) else None,
+            **body.validated_data)
         return shown_once(Response(_token_payload(request, issued.credential, issued.secret),
                                    status=status.HTTP_201_CREATED), "secret")
 

@@ -20,6 +20,7 @@ from datetime import timedelta
 
 import pytest
 from django.apps import apps
+from django.contrib.auth.models import Permission
 from django.db import transaction
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
@@ -27,7 +28,7 @@ from drf_spectacular.generators import EndpointEnumerator, SchemaGenerator
 
 from agreements.models import AgreementEvent, WebhookDelivery
 from catalog import services
-from catalog.models import SCOPE_RANK, ApiKey, KeyScope
+from catalog.models import SCOPE_RANK, ApiKey, KeyScope, OwnerScope, OwnerToken
 from escrow.models import MasumiPaymentRequest, MasumiPurchase
 from policies.models import ApprovalRequest
 from tests.agreements.helpers import propose
@@ -463,6 +464,51 @@ def test_the_other_party_of_the_agreement_is_refused_and_changes_nothing(operati
     assert rows() == before
 
 
+# Writes an owner's `approve` token may make: deciding held purchases, and acknowledging its agents' inbox events
+# (routes an agent's `pay` key may call take `approve` of its owner's token: README, Operations).
+APPROVE_WRITES = {"approvals_approve", "approvals_reject", "agent_events_ack"}
+
+
+@pytest.mark.parametrize("scope", [OwnerScope.READ, OwnerScope.APPROVE])
+def test_an_owners_narrower_token_is_refused_every_write_beyond_its_scope_and_changes_nothing(tenant_a, scope):
+    """Every unsafe method of every routed view (drf-spectacular's enumeration of the URL resolver), each found in the
+    schema, called with a narrower token of tenant A's owner (an operator with every operator permission) on A's own
+    objects: refused 403 (`insufficient_scope` where an owner's token may come, `agent_key_required` where only an
+    agent's key does), and no row changes."""
+    a = tenant_a
+    a.owner.is_staff = True
+    a.owner.save()
+    a.owner.user_permissions.add(*Permission.objects.filter(content_type__app_label__in=("escrow", "catalog",
+                                                                                        "policies", "agreements")))
+    token = Api(issue_owner_token(a.owner, scope=scope))
+    by_route = {route: operation_id for operation_id, route in schema_operations().items()}
+    before, tried = rows(), set()
+    for path, _, method, _ in EndpointEnumerator().get_api_endpoints():
+        operation_id = by_route.get((method, path))
+        if method in ("GET", "HEAD", "OPTIONS") or path in NOT_IN_SCHEMA:
+            continue
+        assert operation_id is not None, (method, path)
+        if operation_id in PUBLIC or (scope == OwnerScope.APPROVE and operation_id in APPROVE_WRITES):
+            continue
+        reach = OBJECTS.get(operation_id) or FAST_PATH_BODIES.get(operation_id) or Reach("owner", None)
+        response = call(token, method, a_path(a, path), reach)
+        assert refusal(response) in ((403, "insufficient_scope"), (403, "agent_key_required")), (
+            operation_id, scope, response.content[:300])
+        tried.add(operation_id)
+    assert rows() == before
+    owners_writes = {"agents_create", "owner_tokens_issue", "api_keys_issue", "api_keys_revoke", "owner_tokens_revoke",
+                     "policies_put", "escrow_resolve", "agent_webhooks_create", "approvals_approve"}
+    assert owners_writes - (APPROVE_WRITES if scope == OwnerScope.APPROVE else set()) <= tried
+
+
+def test_an_owners_token_opens_no_admin_page(tenant_a):
+    """The admin takes a signed-in operator's session (with a second factor), never a bearer token, of any scope."""
+    tenant_a.owner.is_staff = tenant_a.owner.is_superuser = True
+    tenant_a.owner.save()
+    response = Api(issue_owner_token(tenant_a.owner)).client.get("/admin/catalog/ownertoken/")
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
 def unusable_credentials(a: Tenant) -> dict[str, tuple[Api, str]]:
     """Credentials of tenant A's that no longer authenticate, and the code each is refused with."""
     revoked = services.api_key_issue(agent=a.buyer, scope=KeyScope.ADMIN)
@@ -479,7 +525,14 @@ def unusable_credentials(a: Tenant) -> dict[str, tuple[Api, str]]:
         issue_owner_token(gone)
     gone.is_active = False
     gone.save()
-    return {"revoked key": (Api(revoked.secret), "credentials_revoked"),
+    revoked_token = services.owner_token_issue(owner=a.owner, scope=OwnerScope.ADMIN)
+    services.credential_revoke(credential=revoked_token.credential)
+    expired_token = services.owner_token_issue(owner=a.owner, scope=OwnerScope.ADMIN,
+                                               expires_at=timezone.now() + timedelta(seconds=30))
+    OwnerToken.objects.filter(pk=expired_token.credential.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    return {"revoked owner token": (Api(revoked_token.secret), "credentials_revoked"),
+            "expired owner token": (Api(expired_token.secret), "credentials_expired"),
+            "revoked key": (Api(revoked.secret), "credentials_revoked"),
             "expired key": (Api(expired.secret), "credentials_expired"),
             "deactivated agent's key": (Api(idle_key), "agent_inactive"),
             "deactivated owner's key": (Api(gone_key), "owner_inactive"),

@@ -1,0 +1,172 @@
+"""Owner tokens attacked: by a narrower token of the same owner, by another owner, with an `Idempotency-Key` of
+another's request, after revocation or expiry, and two decisions of one held purchase at once. (Every operation of
+the API with a narrower token: tests/marketplace/test_tenant_isolation.py.)"""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from agreements.models import UsageAgreement
+from catalog import services
+from catalog.models import OwnerToken
+from marketplace.keys import digest_secret
+from policies.models import ApprovalRequest
+from tests.agreements.helpers import propose
+from tests.catalog.factories import AgentFactory, UserFactory, issue_owner_token, register_service
+from tests.conftest import Api, error_code
+from tests.support.at_once import answered_at_once
+
+pytestmark = pytest.mark.django_db
+
+
+def issued(api: Api, scope: str, **fields):
+    response = api.post("/owner-tokens", {"scope": scope, **fields})
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def held_purchase(owner_api, buyer, service) -> tuple[str, dict]:
+    """A purchase of `buyer` held for its owner's approval, and the approval's URL."""
+    assert owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1}).status_code == 200
+    held = propose(Api(services.api_key_issue(agent=buyer).secret), service, quantity=10)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    return f"/agents/{buyer.pk}/approvals/{approval.pk}", held
+
+
+def test_an_idempotent_token_issue_is_replayed_to_its_owners_admin_tokens_only_and_never_with_the_secret(owner_api):
+    key = {"Idempotency-Key": "issue-1"}
+    first = owner_api.post("/owner-tokens", {"scope": "admin"}, headers=key)
+    assert first.status_code == 201 and first.json()["secret"].startswith("ot_")
+    read, sibling = Api(issued(owner_api, "read")["secret"]), Api(issued(owner_api, "admin")["secret"])
+
+    by_read = read.post("/owner-tokens", {"scope": "admin"}, headers=key)
+    assert by_read.status_code == 403 and error_code(by_read) == "insufficient_scope", by_read.content
+    again = sibling.post("/owner-tokens", {"scope": "admin"}, headers=key)
+    assert again.status_code == 201 and again["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"] and again.json()["secret"] is None
+    assert again["Idempotent-Secret-Withheld"] == "not_kept"
+    other_body = owner_api.post("/owner-tokens", {"scope": "read"}, headers=key)
+    assert other_body.status_code == 422 and error_code(other_body) == "idempotency_key_reused"
+
+    stranger = Api(issue_owner_token(UserFactory()))
+    theirs = stranger.post("/owner-tokens", {"scope": "admin"}, headers=key)
+    assert theirs.status_code == 201 and "Idempotent-Replayed" not in theirs
+    assert theirs.json()["id"] != first.json()["id"]
+    assert OwnerToken.objects.get(pk=theirs.json()["id"]).owner_id != OwnerToken.objects.get(
+        pk=first.json()["id"]).owner_id
+
+
+def test_a_token_lists_no_secret_nor_digest_of_any_token(owner, owner_api):
+    secrets = [issued(owner_api, scope)["secret"] for scope in ("read", "approve", "admin")]
+    read = Api(secrets[0])
+    assert read.post(f"/owner-tokens/{OwnerToken.objects.latest('id').pk}/revoke").status_code == 403
+    owner_api.post(f"/owner-tokens/{OwnerToken.objects.filter(scope='approve').get().pk}/revoke")
+    listed = read.get("/owner-tokens", {"include_revoked": "true"})
+    assert listed.status_code == 200 and len(listed.json()["results"]) == 4
+    text = listed.content.decode()
+    for secret in secrets:
+        assert secret not in text and secret.rsplit("_", 1)[1] not in text and digest_secret(secret) not in text
+    assert {field for token in listed.json()["results"] for field in token} == {
+        "id", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at", "is_this_token"}
+
+
+def test_a_guessed_secret_of_a_real_prefix_is_refused_as_an_unknown_one(owner_api):
+    token = issued(owner_api, "admin")
+    _, prefix, _ = token["secret"].split("_", 2)
+    guessed = Api(f"ot_{prefix}_{'x' * 43}").get("/owner-tokens")
+    nobodys = Api(f"ot_{'0' * 10}_{'x' * 43}").get("/owner-tokens")
+    assert (guessed.status_code, error_code(guessed)) == (nobodys.status_code, error_code(nobodys)) == (
+        401, "invalid_credentials")
+    services.credential_revoke(credential=OwnerToken.objects.get(pk=token["id"]))
+    # A revoked token's prefix is not told apart from an unknown one either, without its secret.
+    guessed = Api(f"ot_{prefix}_{'x' * 43}").get("/owner-tokens")
+    assert error_code(guessed) == "invalid_credentials"
+
+
+@pytest.mark.parametrize("how", ["revoked", "expired"])
+def test_a_revoked_or_expired_token_is_refused_at_once_on_every_owner_route(owner_api, buyer, how):
+    token = issued(owner_api, "admin")
+    api = Api(token["secret"])
+    routes = ["/agents", f"/agents/{buyer.pk}/policies", f"/agents/{buyer.pk}/approvals",
+              f"/agents/{buyer.pk}/api-keys", "/owner-tokens", f"/agents/{buyer.pk}/events",
+              f"/agents/{buyer.pk}/webhooks"]
+    for path in routes:  # the process has read the token: nothing it keeps may answer for it afterwards
+        assert api.get(path).status_code == 200, path
+    if how == "revoked":
+        assert owner_api.post(f"/owner-tokens/{token['id']}/revoke").status_code == 200
+    else:
+        OwnerToken.objects.filter(pk=token["id"]).update(expires_at=timezone.now() - timedelta(seconds=1))
+    code = "credentials_revoked" if how == "revoked" else "credentials_expired"
+    for path in routes:
+        response = api.get(path)
+        assert response.status_code == 401 and error_code(response) == code, path
+    refused = api.post("/owner-tokens", {"scope": "admin"})
+    assert refused.status_code == 401 and error_code(refused) == code
+
+
+def test_a_read_token_revokes_neither_a_sibling_nor_another_owners_token(owner, owner_api):
+    read = Api(issued(owner_api, "read")["secret"])
+    sibling = OwnerToken.objects.filter(owner=owner, scope="admin").get()
+    issue_owner_token(UserFactory())
+    stranger = OwnerToken.objects.latest("id")
+    by_read = read.post(f"/owner-tokens/{sibling.pk}/revoke")
+    assert by_read.status_code == 403 and error_code(by_read) == "insufficient_scope"
+    theirs = read.post(f"/owner-tokens/{stranger.pk}/revoke")
+    assert theirs.status_code == 404 and error_code(theirs) == "owner_token_not_found"
+    assert not OwnerToken.objects.filter(pk__in=[sibling.pk, stranger.pk]).exclude(revoked_at=None).exists()
+
+
+def test_a_token_issues_no_token_outliving_it(owner):
+    """An admin token given for a day (an operator's for a contractor, say) minted one that never expired: the
+    owner's time limit was gone with one call."""
+    ends = timezone.now() + timedelta(days=1)
+    short = Api(services.owner_token_issue(owner=owner, scope="admin", expires_at=ends).secret)
+    later = short.post("/owner-tokens", {"scope": "read", "expires_at": (ends + timedelta(days=30)).isoformat()})
+    assert later.status_code == 400 and error_code(later) == "expiry_beyond_issuer", later.content
+    assert later.json()["error"]["details"] == {"latest_expiry": ends.isoformat().replace("+00:00", "Z")}
+    unlimited = short.post("/owner-tokens", {"scope": "admin"})
+    assert unlimited.status_code == 201, unlimited.content
+    assert unlimited.json()["expires_at"] == ends.isoformat().replace("+00:00", "Z"), unlimited.content
+    within = short.post("/owner-tokens", {"scope": "read", "expires_at": (ends - timedelta(hours=1)).isoformat()})
+    assert within.status_code == 201
+    assert OwnerToken.objects.filter(owner=owner, expires_at=None).count() == 0
+
+
+def test_a_token_without_expiry_issues_tokens_of_any_expiry(owner_api):
+    assert issued(owner_api, "admin")["expires_at"] is None
+    later = timezone.now() + timedelta(days=400)
+    assert issued(owner_api, "read", expires_at=later.isoformat())["expires_at"] is not None
+
+
+def test_an_approve_token_decides_only_its_agents_approvals_each_under_its_own_agent(owner, owner_api, buyer, seller):
+    service = register_service(seller)
+    approval_url, held = held_purchase(owner_api, buyer, service)
+    approval_id = approval_url.rsplit("/", 1)[1]
+    approve = Api(issued(owner_api, "approve")["secret"])
+    other_agent = AgentFactory(owner=owner, handle="buyer-two")
+    under_other = approve.post(f"/agents/{other_agent.pk}/approvals/{approval_id}/approve")
+    assert under_other.status_code == 404 and error_code(under_other) == "approval_not_found"
+    stranger_agent = AgentFactory(owner=UserFactory(), handle="their-buyer")
+    stranger_url, _ = held_purchase(Api(issue_owner_token(stranger_agent.owner)), stranger_agent, service)
+    theirs = approve.post(f"{stranger_url}/approve")
+    assert theirs.status_code == 404 and error_code(theirs) == "agent_not_found"
+    assert ApprovalRequest.objects.filter(status="pending").count() == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_an_approval_and_a_rejection_at_once_decide_the_purchase_once(owner, owner_api, buyer, seller):
+    approval_url, held = held_purchase(owner_api, buyer, register_service(seller))
+    approve = issued(owner_api, "approve")["secret"]
+    answers = answered_at_once({verb: (lambda verb=verb: Api(approve).post(f"{approval_url}/{verb}"))
+                                for verb in ("approve", "reject")})
+    statuses = {verb: answer.status_code for verb, answer in answers.items()}
+    assert statuses in ({"approve": 200, "reject": 409}, {"approve": 409, "reject": 200}), [
+        answer.content for answer in answers.values()]
+    winner = next(verb for verb, status in statuses.items() if status == 200)
+    loser = answers["reject" if winner == "approve" else "approve"]
+    assert error_code(loser) == "approval_already_decided"
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    assert approval.status == {"approve": "approved", "reject": "rejected"}[winner]
+    assert UsageAgreement.objects.get(pk=held["id"]).status == {"approve": "proposed", "reject": "rejected"}[winner]
