@@ -113,7 +113,9 @@ class OwnerTokenCreateSerializer(StrictSerializer):
     scope = serializers.ChoiceField(choices=OwnerScope.choices, default=OwnerScope.READ, help_text=(
         "`read` sees agents, keys, policies and approvals; `approve` also decides held purchases; `admin` also "
         "changes them (agents, keys, policies, webhooks, owner tokens). Least power by default."))
-    expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
+    expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None, help_text=(
+        "No later than the issuing token's expiry (400 `expiry_beyond_issuer`); left out, that expiry (a token "
+        "without one issues tokens that never expire)."))
 
 
 class OwnerTokenSerializer(ApiKeySerializer):

@@ -238,8 +238,9 @@ def owner_token_issue(*, owner: AbstractBaseUser, scope: str, name: str = "", ex
                            details={"latest_expiry": latest.isoformat().replace("+00:00", "Z")})
     issued = issue_secret("ot")
     with transaction.atomic():
-        # The owner's row, locked, orders two issues at once, so neither passes the count the other makes.
-        type(owner).objects.select_for_update().filter(pk=owner.pk).first()
+        # The owner's row, locked, orders two issues at once, so neither passes the count the other makes. Through
+        # the user model: an admin session's user is a lazy object, whose class has no manager.
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
         now = timezone.now()
         live = OwnerToken.objects.filter(Q(expires_at=None) | Q(expires_at__gt=now), owner=owner,
                                          revoked_at=None).count()

@@ -11,6 +11,7 @@ from agreements.models import UsageAgreement
 from catalog import services
 from catalog.models import OwnerToken
 from marketplace.keys import digest_secret
+from marketplace.models import IdempotencyRecord
 from policies.models import ApprovalRequest
 from tests.agreements.helpers import propose
 from tests.catalog.factories import AgentFactory, UserFactory, issue_owner_token, register_service
@@ -46,6 +47,8 @@ def test_an_idempotent_token_issue_is_replayed_to_its_owners_admin_tokens_only_a
     assert again.status_code == 201 and again["Idempotent-Replayed"] == "true"
     assert again.json()["id"] == first.json()["id"] and again.json()["secret"] is None
     assert again["Idempotent-Secret-Withheld"] == "not_kept"
+    stored = IdempotencyRecord.objects.get(key="issue-1")
+    assert stored.response_body["secret"] is None and first.json()["secret"] not in str(stored.response_body)
     other_body = owner_api.post("/owner-tokens", {"scope": "read"}, headers=key)
     assert other_body.status_code == 422 and error_code(other_body) == "idempotency_key_reused"
 
@@ -170,3 +173,31 @@ def test_an_approval_and_a_rejection_at_once_decide_the_purchase_once(owner, own
     approval = ApprovalRequest.objects.get(subject_id=held["id"])
     assert approval.status == {"approve": "approved", "reject": "rejected"}[winner]
     assert UsageAgreement.objects.get(pk=held["id"]).status == {"approve": "proposed", "reject": "rejected"}[winner]
+
+
+def test_an_operator_signed_in_to_the_admin_issues_and_lists_its_own_tokens(admin_client, admin_user):
+    """An admin session acts as its person with every scope (IsOwner): its user is a lazy object, whose class has no
+    manager to lock the owner's row with."""
+    response = admin_client.post("/owner-tokens", {"scope": "read"}, content_type="application/json")
+    assert response.status_code == 201, response.content[:300]
+    assert OwnerToken.objects.get(pk=response.json()["id"]).owner_id == admin_user.pk
+    listed = admin_client.get("/owner-tokens")
+    assert [token["is_this_token"] for token in listed.json()["results"]] == [False]
+    revoked = admin_client.post(f"/owner-tokens/{response.json()['id']}/revoke")
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+
+
+def test_an_operator_signed_in_to_the_admin_makes_each_owners_write_of_its_own(admin_client, admin_user, seller):
+    buyer = AgentFactory(owner=admin_user, handle="operators-buyer")
+    as_json = {"content_type": "application/json"}
+    key = admin_client.post(f"/agents/{buyer.pk}/api-keys", {"scope": "read"}, **as_json)
+    assert key.status_code == 201, key.content[:300]
+    assert admin_client.post(f"/agents/{buyer.pk}/api-keys/{key.json()['id']}/revoke").status_code == 200
+    hook = admin_client.post(f"/agents/{buyer.pk}/webhooks", {"url": "https://hooks.example.com/a"}, **as_json)
+    assert hook.status_code == 201, hook.content[:300]
+    policy = admin_client.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1}, **as_json)
+    assert policy.status_code == 200, policy.content[:300]
+    held = propose(Api(services.api_key_issue(agent=buyer).secret), register_service(seller), quantity=10)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    decided = admin_client.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve", **as_json)
+    assert decided.status_code == 200 and decided.json()["status"] == "approved", decided.content[:300]
