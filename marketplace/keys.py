@@ -30,9 +30,10 @@ def digest_secret(plaintext: str) -> str:
 
 
 def parse_secret(plaintext: str) -> tuple[str, str] | None:
-    """(kind, prefix) of a well-formed secret, else None."""
+    """(kind, prefix) of a well-formed secret, else None. No NUL: PostgreSQL's text cannot hold one (the prefix's
+    lookup raised, a 500)."""
     parts = plaintext.split("_", 2)
-    if len(parts) != 3 or len(parts[1]) != PREFIX_LENGTH or not parts[2]:
+    if len(parts) != 3 or len(parts[1]) != PREFIX_LENGTH or not parts[2] or "\x00" in parts[1]:
         return None
     return parts[0], parts[1]
 

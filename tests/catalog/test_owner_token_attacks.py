@@ -2,6 +2,7 @@
 another's request, after revocation or expiry, and two decisions of one held purchase at once. (Every operation of
 the API with a narrower token: tests/marketplace/test_tenant_isolation.py.)"""
 
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -201,3 +202,12 @@ def test_an_operator_signed_in_to_the_admin_makes_each_owners_write_of_its_own(a
     approval = ApprovalRequest.objects.get(subject_id=held["id"])
     decided = admin_client.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve", **as_json)
     assert decided.status_code == 200 and decided.json()["status"] == "approved", decided.content[:300]
+
+
+@pytest.mark.parametrize("kind", ["ot", "mk"])
+def test_a_nul_in_a_presented_prefix_is_malformed_credentials_not_a_500(kind, owner):
+    """PostgreSQL's text holds no NUL: the prefix's lookup raised (a 500) on DRF's path and on the fast paths."""
+    api = Api(f"{kind}_abcd\x00fghij_{'x' * 43}")
+    for response in (api.get("/owner-tokens"), api.post("/catalog/search", {"q": "translate"}),
+                     api.get(f"/metered-proxy/{uuid.uuid4()}/translate")):
+        assert response.status_code == 401 and error_code(response) == "invalid_credentials", response.content[:200]
