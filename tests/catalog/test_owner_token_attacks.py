@@ -211,3 +211,22 @@ def test_a_nul_in_a_presented_prefix_is_malformed_credentials_not_a_500(kind, ow
     for response in (api.get("/owner-tokens"), api.post("/catalog/search", {"q": "translate"}),
                      api.get(f"/metered-proxy/{uuid.uuid4()}/translate")):
         assert response.status_code == 401 and error_code(response) == "invalid_credentials", response.content[:200]
+
+
+def test_an_agents_admin_key_issues_no_owner_token_and_revokes_none(owner, owner_api, buyer):
+    key = Api(services.api_key_issue(agent=buyer, scope="admin").secret)
+    token = OwnerToken.objects.get(owner=owner)
+    for response in (key.post("/owner-tokens", {"scope": "read"}), key.get("/owner-tokens"),
+                     key.post(f"/owner-tokens/{token.pk}/revoke")):
+        assert response.status_code == 403 and error_code(response) == "owner_credentials_required"
+    assert OwnerToken.objects.filter(owner=owner, revoked_at=None).count() == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_issues_at_once_hold_the_live_token_bound(owner, owner_api, settings):
+    settings.OWNER_TOKENS_PER_OWNER = 2
+    answers = answered_at_once({name: (lambda: Api(owner_api.secret).post("/owner-tokens", {"scope": "read"}))
+                                for name in ("one", "two")})
+    assert sorted(answer.status_code for answer in answers.values()) == [201, 409]
+    assert OwnerToken.objects.filter(owner=owner, revoked_at=None).count() == 2
