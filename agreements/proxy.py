@@ -9,7 +9,9 @@ call. The nonce on any other call (method, path or body) is 422 `nonce_reused`.
 
 Bounds (SECURITY.md, "Hostile input"): the path is percent-decoded, its backslashes read as slashes, its dot
 segments resolved and its leading empty segments dropped (never a `//host` target), and must stay under the
-service's base path and hold no CR or LF (else 400 `invalid_upstream_path`); the body is
+service's base path and hold no CR or LF and no overlong UTF-8 sequence (else 400 `invalid_upstream_path`); its
+bytes are forwarded escaped, UTF-8 or not (the web server decodes `%2F` into a `/` before the marketplace sees it);
+the body is
 read up to PROXY_MAX_REQUEST_BYTES (413 beyond), chunked or not, and forwarded with its length; the path and query
 string as forwarded are at most PROXY_MAX_URL_BYTES (414 `upstream_url_too_long` beyond); integer headers
 are ASCII digits; headers named in `Connection:` are dropped both ways; the buyer's forwarding headers are
@@ -46,6 +48,7 @@ from marketplace.concurrency import SlowPeers
 from marketplace.errors import (ApplicationError, Conflict, Forbidden, InvalidInput, PayloadTooLarge, Unprocessable,
                                 error_body, error_response)
 from marketplace.logging import agreement_id_var
+from marketplace.middleware import SERVER_PATH_INFO
 from marketplace.serializers import error_responses
 from marketplace.throttling import agent_budget_key, client_address, windows_wait
 from sdk import proxy_signature
@@ -83,6 +86,9 @@ _MARKETPLACE_ANSWER_HEADERS = {"x-usage-cost", "x-usage-units", "x-escrow-remain
 _UNSAFE_HEADER_VALUE = re.compile(r"[\x00\r\n]")
 UNITS_HEADER = "X-Usage-Units"
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are; everything else is escaped
+# Overlong UTF-8 (the path as latin-1 text of its bytes): lead bytes C0 and C1, E0 then 80-9F, F0 then 80-8F. No encoder
+# writes them, and a server decoding them anyway reads `.`, `/` or `\` where the proxy saw none.
+_OVERLONG_UTF8 = re.compile("[\xc0\xc1]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]")
 _MAX_HEADER_DIGITS = 18  # any count or amount we accept in a header fits; longer is refused before int()
 
 _upstreams = outbound.UpstreamPool(max_idle_per_upstream=50)
@@ -211,16 +217,21 @@ def upstream_path(path: str) -> str:
     """The path to call under the service's base URL, escaped, or 400 `invalid_upstream_path` when it would leave
     the base path.
 
-    `path` arrives percent-decoded once (WSGI), so `%2e%2e` is `..` here. Backslashes count as slashes (as some
-    servers read them), dot segments are resolved (RFC 3986 5.2.4) and a `..` that would climb above the base path
-    is refused, as is a segment that becomes a dot segment only when decoded once more, and a CR or LF (never
-    forwarded, even escaped, as when no route took them). Empty segments at the start are dropped: a target
-    starting with `//` is origin-form (RFC 9112), yet many servers and proxies read it as a host
-    (`//evil.example/x`), and under a base URL with no path it is what the seller's server would get. The result is
-    escaped again, or an escaped "?" or "#" would change what is called and a control character would make no URL.
+    `path` is the path as the web server hands it over (PEP 3333): percent-decoded once, latin-1 text of its bytes,
+    so `%2e%2e` is `..` here, and each byte is escaped again as the byte it is (`%E9`, UTF-8 or not). Backslashes
+    count as slashes (as some servers read them), dot segments are resolved (RFC 3986 5.2.4) and a `..` that would
+    climb above the base path is refused, as is a segment that becomes a dot segment only when decoded once more, an
+    overlong UTF-8 sequence, and a CR or LF (never forwarded, even escaped, as when no route took them). Empty
+    segments at the start are dropped: a target starting with `//` is origin-form (RFC 9112), yet many servers and
+    proxies read it as a host (`//evil.example/x`), and under a base URL with no path it is what the seller's server
+    would get. The result is escaped again, or an escaped "?" or "#" would change what is called and a control
+    character would make no URL. A `%2F` reached the application as `/` (the web server decodes it): it is
+    forwarded as one.
     """
     if "\n" in path or "\r" in path:
         raise InvalidInput("The path holds a line break.", code="invalid_upstream_path")
+    if not path.isascii() and _OVERLONG_UTF8.search(path):
+        raise InvalidInput("The path holds an overlong UTF-8 sequence.", code="invalid_upstream_path")
     segments: list[str] = []
     for segment in path.replace("\\", "/").split("/"):
         if segment == "..":
@@ -231,7 +242,7 @@ def upstream_path(path: str) -> str:
             raise InvalidInput("The path holds an encoded dot segment.", code="invalid_upstream_path")
         elif segment != ".":
             segments.append(segment)
-    return "/" + quote("/".join(segments).lstrip("/"), safe=_PATH_SAFE)
+    return "/" + quote("/".join(segments).lstrip("/"), safe=_PATH_SAFE, encoding="latin-1")
 
 
 def _call_path(path: str, query: str) -> str:
@@ -245,6 +256,18 @@ def _call_path(path: str, query: str) -> str:
             return call_path
     raise UpstreamUrlTooLong(f"The path and query string forwarded are longer than {limit} bytes.",
                              details={"max_bytes": limit})
+
+
+def _path_as_sent(request, path: str) -> str:
+    """The route's `path` as the web server handed it over (latin-1 text of its bytes), not as Django read it:
+    `path_info` escapes again the bytes that are not UTF-8 (`%E9` for the byte E9, as for a buyer's `%25E9`), and the
+    proxy escaped that once more (`%25E9`): another resource than the buyer's, and charged. The route's prefix is
+    ASCII, the same length in both."""
+    sent = request.META.get(SERVER_PATH_INFO)
+    if sent is not None:
+        return sent[len(request.path_info) - len(path):]
+    # An ASCII path (Django's is the same), or none kept (no WSGI environ): Django's, as its UTF-8 bytes.
+    return path if path.isascii() else path.encode().decode("latin-1")
 
 
 def request_body(request) -> bytes:
@@ -379,6 +402,7 @@ def _proxy_call(request, agreement_id, path: str):
         raise Conflict("A Masumi purchase is paid for its job result alone; it takes no calls through the metered "
                        "proxy.", code="job_result_only")
     metering.receipt_signer_key_require(agreement_id=terms.pk, receipt_signer=terms.receipt_signer)
+    path = _path_as_sent(request, path)
     body = request_body(request)
     query = request.META.get("QUERY_STRING", "")
     if not query.isascii() or not query.isprintable() or " " in query:

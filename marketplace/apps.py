@@ -8,7 +8,11 @@ class MarketplaceConfig(AppConfig):
     verbose_name = "Marketplace platform"
 
     def ready(self):
-        from marketplace import caching, chainconfig, dead_letters, metrics, money
+        from django.core.signals import request_started
+
+        from marketplace import caching, chainconfig, dead_letters, metrics, middleware, money
+
+        request_started.connect(middleware.keep_server_path_info, dispatch_uid="marketplace.keep_server_path_info")
 
         metrics.task_failures_count()
         dead_letters.panels_register()

@@ -8,6 +8,17 @@ from marketplace.logging import agreement_id_var, request_id_var
 from sdk.bounded_http import text_codec
 
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# The web server's PATH_INFO (PEP 3333: latin-1 text of the path's bytes, percent-decoded once), kept when it is not
+# ASCII: WSGIRequest replaces META["PATH_INFO"] with Django's reading of it, which escapes again the bytes that are not
+# UTF-8 (the byte E9 becomes `%E9`, as a client's `%25E9` does). The metered proxy forwards the path's own bytes.
+SERVER_PATH_INFO = "marketplace.server_path_info"
+
+
+def keep_server_path_info(sender, environ=None, **kwargs) -> None:
+    """A `request_started` receiver: Django sends the environ (its WSGI handler and the test client alike) before it
+    builds the request from it. An ASCII path is Django's as it is: nothing kept."""
+    if environ is not None and not (path := environ.get("PATH_INFO", "")).isascii():
+        environ[SERVER_PATH_INFO] = path
 
 
 class RequestIdMiddleware:

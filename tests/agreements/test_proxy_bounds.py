@@ -769,6 +769,55 @@ def test_percent_encoded_control_characters_in_the_query_are_forwarded_still_enc
     assert books(active) == (PRICE, 0)
 
 
+@pytest.mark.parametrize(("path", "forwarded_path"), [
+    ("caf%E9", "/base/caf%E9"),  # the finding: forwarded as /base/caf%25E9 (another resource), and charged
+    ("caf%e9/%FF%FE", "/base/caf%E9/%FF%FE"),  # escapes' hex digits in upper case: the same URI (RFC 3986 6.2.2.1)
+    ("caf%C3%A9", "/base/caf%C3%A9"),
+    ("caf%25E9", "/base/caf%25E9"),  # an escaped "%" stays one: not the byte 0xE9
+    ("%E9/./x/../%F0%9F%98%80", "/base/%E9/%F0%9F%98%80"),
+])
+def test_a_path_of_bytes_that_are_not_utf8_reaches_the_seller_as_the_buyer_sent_it(active, http_server, path,
+                                                                                    forwarded_path):
+    """The web server hands the path over percent-decoded, as latin-1 text of its bytes (granian and the test client
+    alike: tests/marketplace/test_serve.py); Django's `path_info` re-escaped the bytes that are not UTF-8 and the
+    proxy escaped that again."""
+    response = raw(active, "get", f"{active.proxy}/{path}")
+    assert response.status_code == 200, response.content
+    assert [forwarded.path for forwarded in http_server.requests] == [forwarded_path]
+    assert books(active) == (PRICE, 0)
+    assert UsageEvent.objects.get(agreement_id=active.agreement_id).path == forwarded_path.removeprefix("/base")
+
+
+@pytest.mark.parametrize("path", ["%C0%AE%C0%AE/admin", "x/%C0%AE%C0%AE/%C0%AE%C0%AE/admin", "%E0%80%AE%E0%80%AE/admin",
+                                  "%C0%AF", "%C1%9C", "%F0%80%80%AE"])
+def test_an_overlong_utf8_sequence_in_the_path_is_400_and_never_forwarded(active, http_server, path, caplog):
+    """No UTF-8 encoder writes one, and a server that decodes them anyway reads `..`, `/` or a backslash: forwarded as
+    the bytes they are, `%C0%AE%C0%AE` was a way out of the base path there."""
+    response = raw(active, "get", f"{active.proxy}/{path}")
+    assert (response.status_code, error_code(response)) == (400, "invalid_upstream_path"), response.content
+    assert http_server.requests == [] and books(active) == (0, 0) and not CallIntent.objects.exists()
+    assert no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("query", ["q=%E9", "q=caf%C3%A9+au+lait&r=%2B%2F%25E9", "a+b=c+d&%FF"])
+def test_a_query_string_with_escapes_that_are_not_utf8_or_pluses_is_forwarded_as_sent(active, http_server, query):
+    response = raw(active, "get", f"{active.proxy}/work?{query}")
+    assert response.status_code == 200, response.content
+    assert [forwarded.path for forwarded in http_server.requests] == [f"/base/work?{query}"]
+    assert books(active) == (PRICE, 0)
+
+
+@pytest.mark.parametrize("path", ["../admin", "%2e%2e/admin", "%2E%2E%2Fadmin", "..%2fadmin", ".%2e/admin",
+                                  "%2e%2e%5cadmin", "users/../../admin", "users/%2e%2e/%2e%2e/admin",
+                                  "%E9/../../admin", "..%E9/../../admin"])
+def test_a_path_cannot_leave_a_base_path_of_several_segments(escrow_chain, http_server,
+                                                             django_capture_on_commit_callbacks, path):
+    parties = _active(escrow_chain, http_server, django_capture_on_commit_callbacks, base_path="/api/v1")
+    response = raw(parties, "get", f"{parties.proxy}/{path}")
+    assert (response.status_code, error_code(response)) == (400, "invalid_upstream_path"), response.content
+    assert http_server.requests == [] and books(parties) == (0, 0)
+
+
 # Upstreams that die after their answer's head: the call is charged once the head is in (the seller answered), and
 # the body is cut short.
 _CUT_SHORT = {

@@ -163,6 +163,7 @@ class Upstream:
         self.served = 0  # calls answered 200
         self.arrivals = 0  # calls that reached it
         self.bodies: list[bytes] = []  # what they sent
+        self.targets: list[str] = []  # and to which path and query, as on their request line
         self._count = threading.Lock()
         self.arrived = threading.Event()  # set when a call reaches a hanging or resetting upstream
         self._release = threading.Event()
@@ -190,6 +191,7 @@ class Upstream:
                 with upstream._count:
                     upstream.arrivals += 1
                     upstream.bodies.append(body)
+                    upstream.targets.append(self.requestline.split(" ")[1])
                 mode = upstream.mode
                 if mode != "ok":
                     upstream.arrived.set()

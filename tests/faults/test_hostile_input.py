@@ -101,6 +101,23 @@ def test_a_chunked_body_through_the_server_is_forwarded_and_charged_once(stack, 
     assert len(upstream.bodies) == 1
 
 
+def test_a_path_through_the_server_reaches_the_seller_as_its_bytes(stack, parties, upstream):
+    """granian hands the application the path percent-decoded, latin-1 text of its bytes, and no raw target
+    (tests/marketplace/test_serve.py): Django's reading of it escaped the bytes that are not UTF-8 again, and
+    `/caf%E9` reached the seller as `/caf%25E9`, charged."""
+    sent = {"caf%E9": "/caf%E9", "caf%C3%A9": "/caf%C3%A9", "caf%25E9": "/caf%25E9", "q?x=%E9+%2B": "/q?x=%E9+%2B",
+            "a%2Fb": "/a/b"}  # a %2F is decoded by the server: the application sees a slash, and forwards one
+    with stack.api(parties.buyer_api.secret) as api:
+        agreement = active_agreement(stack, api, parties)
+        statuses = [api.get(f"/metered-proxy/{agreement['id']}/{path}").status_code for path in sent]
+        overlong = api.get(f"/metered-proxy/{agreement['id']}/%C0%AE%C0%AE/admin")
+    assert statuses == [200] * len(sent)
+    assert upstream.targets == list(sent.values())
+    assert (overlong.status_code, overlong.json()["error"]["code"]) == (400, "invalid_upstream_path")
+    assert UsageAgreement.objects.get(pk=agreement["id"]).used == len(sent) * parties.service.unit_price
+    assert_books_balance(agreement["id"])
+
+
 def test_deep_json_answers_from_a_masumi_service_and_a_skill(stack, escrow_chain, upstream):
     seller = AgentFactory(is_buyer=False, is_seller=True, wallet_address=escrow_chain.accounts.seller.address)
     masumi = register_service(seller, name="Deep Masumi", upstream_protocol="masumi", upstream_base_url=upstream.url)

@@ -137,3 +137,43 @@ def test_the_servers_own_environment_is_no_part_of_a_request(port):
         server.wait(timeout=30)
     assert anonymous == (401, "not_authenticated")  # (401, "invalid_credentials"): the server's variable, as a header
     assert malformed == (401, "invalid_credentials")  # a header the request sends is the request's
+
+
+_ENVIRON_APPLICATION = """
+import json
+
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps({key: value for key, value in environ.items() if isinstance(value, str)}).encode()]
+"""
+
+
+def test_the_server_hands_over_the_path_decoded_as_latin1_and_the_query_string_as_sent(port, tmp_path):
+    """What the metered proxy's forwarded path rests on (agreements.proxy.upstream_path): granian decodes the path's
+    escapes, `%2F` too, and hands the bytes over as latin-1 text (PEP 3333), the query string as it came, and no raw
+    request target (no RAW_URI or REQUEST_URI, as gunicorn or uWSGI give): a `%2F` cannot be told from a `/`."""
+    (tmp_path / "environ_application.py").write_text(_ENVIRON_APPLICATION)
+    root = Path(__file__).resolve().parents[2]
+    server = subprocess.Popen(command(port=port, workers=1, application="environ_application:application"),
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])})
+
+    def environ(target: str) -> dict:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.putrequest("GET", target, skip_accept_encoding=True)
+            connection.endheaders()
+            return json.loads(connection.getresponse().read())
+        finally:
+            connection.close()
+
+    try:
+        wait_until_every_worker_listens(server.pid, port, 1, timeout=60)
+        seen = {target: environ(target) for target in ("/caf%E9", "/caf%C3%A9", "/a%2Fb%3B;c", "/x%25E9?q=%E9+a%2B")}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert {target: (seen[target]["PATH_INFO"], seen[target]["QUERY_STRING"]) for target in seen} == {
+        "/caf%E9": ("/caf\xe9", ""), "/caf%C3%A9": ("/caf\xc3\xa9", ""), "/a%2Fb%3B;c": ("/a/b;;c", ""),
+        "/x%25E9?q=%E9+a%2B": ("/x%E9", "q=%E9+a%2B")}
+    assert not {"RAW_URI", "REQUEST_URI", "RAW_PATH"} & set(seen["/caf%E9"])
