@@ -112,12 +112,13 @@ def _proposal_prepared(request) -> services.Proposal:
     body.is_valid(raise_exception=True)
     data = dict(body.validated_data)
     seller_id = data.pop("seller_agent_id", None)
+    buyer = calling_agent(request)
     if "service_id" in data:
-        service = catalog_selectors.service_get_any_state(service_id=data.pop("service_id"))
+        service = catalog_selectors.service_for_buyer(service_id=data.pop("service_id"), buyer=buyer)
     else:
-        service = catalog_selectors.service_only_of_seller(seller_id=seller_id)
+        service = catalog_selectors.service_only_of_seller(seller_id=seller_id, buyer=buyer)
     return services.agreement_proposal_prepare(
-        buyer=calling_agent(request), service=service,
+        buyer=buyer, service=service,
         restated=services.RestatedTerms(seller_id=seller_id, unit=data.pop("unit", None),
                                         price_per_unit=data.pop("price_per_unit_cents", None)),
         **data)

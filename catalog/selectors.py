@@ -95,17 +95,6 @@ def _for_proposal(queryset: QuerySet[Service]) -> QuerySet[Service]:
 LISTED = Q(state=ServiceState.REGISTERED, seller__is_active=True, seller__owner_is_active=True)
 
 
-def service_get(*, service_id, viewer: Agent | None = None) -> Service:
-    """A registered service, or any service of the viewing seller (its own deregistered ones included)."""
-    visible = Q(state=ServiceState.REGISTERED)
-    if viewer is not None:
-        visible |= Q(seller=viewer)
-    service = _with_relations(Service.objects.filter(visible, pk=service_id)).first()
-    if service is None:
-        raise NotFound("No such service.", code="service_not_found")
-    return service
-
-
 def service_shown(*, service_id, viewer: Agent) -> Service:
     """A service as the catalog shows it: listed (registered, its seller and the seller's owner active: as search,
     the registry and the skill route list it), or the viewer's own in any state; else 404 `service_not_found`."""
@@ -124,9 +113,11 @@ def service_of_seller(*, seller: Agent, service_id) -> Service:
     return service
 
 
-def service_only_of_seller(*, seller_id) -> Service:
-    """The seller's one registered service, for a proposal that names only the seller (the Pægents SDK may)."""
-    found = list(_for_proposal(Service.objects.filter(seller_id=seller_id, state=ServiceState.REGISTERED))[:2])
+def service_only_of_seller(*, seller_id, buyer: Agent) -> Service:
+    """The seller's one registered service, for a proposal that names only the seller (the Pægents SDK may); a
+    seller hidden from `buyer` (`service_for_buyer`) has none."""
+    found = list(_for_proposal(Service.objects.filter(
+        _buyer_sees(buyer), seller_id=seller_id, state=ServiceState.REGISTERED))[:2])
     if not found:
         raise NotFound("The seller has no registered service.", code="service_not_found")
     if len(found) > 1:
@@ -146,9 +137,16 @@ def registry_services(*, viewer: Agent, seller_wallet: str | None = None) -> Que
     return _with_relations(services)
 
 
-def service_get_any_state(*, service_id) -> Service:
-    """A service whatever its state, for rules that must say why it cannot be used (e.g. deregistered)."""
-    service = _for_proposal(Service.objects.filter(pk=service_id)).first()
+def _buyer_sees(buyer: Agent) -> Q:
+    return LISTED | Q(seller__owner_id=buyer.owner_id)
+
+
+def service_for_buyer(*, service_id, buyer: Agent) -> Service:
+    """A service to buy: listed, or one of an agent of the buyer's own owner in any state (the proposal's rules then
+    say why it cannot be bought: deregistered, seller deactivated). Another owner's deregistered or hidden service is
+    404 `service_not_found`, as an id nobody has: saying why would tell anyone which ids are services and which
+    sellers were deactivated."""
+    service = _for_proposal(Service.objects.filter(_buyer_sees(buyer), pk=service_id)).first()
     if service is None:
         raise NotFound("No such service.", code="service_not_found")
     return service

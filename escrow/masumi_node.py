@@ -513,7 +513,7 @@ def _purchase_prepared(request) -> purchases.PurchasePlan:
     _check_payment_type(data.get("paymentType"))
     _check_smart_contract(data.get("smartContractAddress"))
     buyer = calling_agent(request)
-    service = catalog_selectors.service_get(service_id=data["agentIdentifier"])
+    service = catalog_selectors.service_for_buyer(service_id=data["agentIdentifier"], buyer=buyer)
     purchases.check_listed_price(service=service, funds=data.get("Amounts"))
     if "blockchainIdentifier" in data:
         payment_request = selectors.payment_request_get(blockchain_identifier=data["blockchainIdentifier"])

@@ -215,8 +215,8 @@ def test_proposal_rules(buyer, buyer_api, seller, service, settings):
 
     service.state = ServiceState.DEREGISTERED
     service.save()
-    gone = buyer_api.post("/usage-agreements", proposal(service))
-    assert error_code(gone) == "service_deregistered"
+    gone = buyer_api.post("/usage-agreements", proposal(service))  # to another owner's agent, as no service
+    assert gone.status_code == 404 and error_code(gone) == "service_not_found"
     assert not UsageAgreement.objects.exists()
 
 
@@ -225,7 +225,7 @@ def test_a_deactivated_sellers_service_is_not_sold(buyer_api, seller, service):
     sold to any buyer naming them by id (and a Masumi service's purchase accepted at once on its behalf)."""
     Agent.objects.filter(pk=seller.pk).update(is_active=False)
     refused = buyer_api.post("/usage-agreements", proposal(service))
-    assert refused.status_code == 400 and error_code(refused) == "seller_deactivated"
+    assert refused.status_code == 404 and error_code(refused) == "service_not_found"
     assert not UsageAgreement.objects.exists()
 
 
@@ -234,7 +234,7 @@ def test_the_service_of_a_seller_whose_owner_is_deactivated_is_not_sold(buyer_ap
     seller.owner.is_active = False
     seller.owner.save()
     refused = buyer_api.post("/usage-agreements", proposal(service))
-    assert refused.status_code == 400 and error_code(refused) == "seller_deactivated"
+    assert refused.status_code == 404 and error_code(refused) == "service_not_found"
     assert not UsageAgreement.objects.exists()
 
     seller.owner.is_active = True
@@ -250,7 +250,7 @@ def test_the_service_of_a_seller_whose_owner_is_deactivated_by_a_set_based_updat
     owners = type(seller.owner).objects.filter(pk=seller.owner.pk)
     owners.update(is_active=False)
     refused = buyer_api.post("/usage-agreements", proposal(service))
-    assert refused.status_code == 400 and error_code(refused) == "seller_deactivated"
+    assert refused.status_code == 404 and error_code(refused) == "service_not_found"
 
     owners.update(is_active=True)
     assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201

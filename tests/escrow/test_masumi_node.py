@@ -544,7 +544,7 @@ def test_a_sellers_refund_authorization_while_an_operators_split_resolution_is_u
 def test_a_deactivated_sellers_masumi_service_has_no_payment_information(parties, deactivated):
     """The catalog (REST and registry) hides a service whose seller, or the seller's owner, is deactivated (404
     `service_not_found`); the Masumi connect seed's payment information still answered for it, with its upstream
-    and the seller's wallet, as a service to buy (its purchase then refused 400 `seller_deactivated`)."""
+    and the seller's wallet, as a service to buy (its purchase now 404 as well)."""
     if deactivated == "seller":
         parties.seller.is_active = False
         parties.seller.save()
@@ -557,7 +557,7 @@ def test_a_deactivated_sellers_masumi_service_has_no_payment_information(parties
     assert info.status_code == 404 and error_code(info) == "service_not_found", info.content
     bought = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": service_id,
                                                   "input_data": INPUT})
-    assert bought.status_code == 400 and error_code(bought) == "seller_deactivated", bought.content
+    assert bought.status_code == 404 and error_code(bought) == "service_not_found", bought.content
     assert not MasumiPurchase.objects.exists()
 
 

@@ -488,7 +488,7 @@ def test_a_service_whose_sellers_owner_is_deactivated_is_not_bought(escrow_chain
     owner.save()
     refused = parties.buyer_api.post("/purchase", {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
                                                    "input_data": INPUT})
-    assert refused.status_code == 400 and error_code(refused) == "seller_deactivated"
+    assert refused.status_code == 404 and error_code(refused) == "service_not_found"
     assert seller_service.started == []
 
 
