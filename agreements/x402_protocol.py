@@ -63,6 +63,7 @@ PAYER_HEADER = "X-Payment-From"
 # An anonymous payer's proof that a replayed payment is its own retry (sdk.x402_signing.sign_retry_proof).
 RETRY_PROOF_HEADER = x402_signing.RETRY_PROOF_HEADER
 BARE_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
+UINT_DIGITS = re.compile(r"[0-9]{1,78}")  # a uint256's digits
 # The latest validBefore the platform records (its record's bigint): a uint256 the buyer signs, far beyond any real
 # expiry (EIP-3009 takes any).
 MAX_VALID_BEFORE = 2**63 - 1
@@ -274,7 +275,9 @@ def _validity_asked(requirements: PaymentRequirements) -> int:
 def decode(header: str) -> PaymentPayload:
     """x402's base64 JSON payment payload (v1 payloads are normalised to v2's shape)."""
     try:
-        bounded_json.loads(safe_base64_decode(header))  # x402 parses it with json.loads, which has no depth limit
+        # x402 parses it with json.loads, which has no depth limit and keeps the last of a key given twice (other
+        # parsers the first): a payment means one thing.
+        bounded_json.loads(safe_base64_decode(header), duplicate_keys=False)
         payload = decode_payment_signature_header(header)
     except (binascii.Error, UnicodeDecodeError, ValidationError, ValueError, AttributeError, TypeError) as exc:
         raise InvalidPayment("malformed_payment", "The payment header is neither a base64 x402 payment payload "
@@ -306,8 +309,8 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, max_val
         nonce = hex_to_bytes(authorization.nonce)
         signature = hex_to_bytes(evm_payload.signature or "")
         values = Authorization(
-            payer=authorization.from_address, pay_to=authorization.to, amount=int(authorization.value),
-            valid_after=int(authorization.valid_after), valid_before=int(authorization.valid_before),
+            payer=authorization.from_address, pay_to=authorization.to, amount=_uint(authorization.value),
+            valid_after=_uint(authorization.valid_after), valid_before=_uint(authorization.valid_before),
             # One spelling per byte string (0x, lowercase, no spaces): the nonce keys the replay check, the
             # signature is recorded (a spelling padded with spaces outgrew its column) and compared by a retry;
             # the chain reads "ab..", "0xAB.." and "0xab .." alike.
@@ -345,6 +348,17 @@ def check(payload: PaymentPayload, requirements: PaymentRequirements, *, max_val
     if not (signed or _signed_by(authorization, values.signature, asset=requirements.asset)):
         raise _reject(evm.ERR_INVALID_SIGNATURE, "The signature is not the payer's over this authorization.")
     return values
+
+
+def _uint(value) -> int:
+    """An authorization's number as x402 spells it: a string of ASCII digits (or a JSON integer). Python's int(),
+    which x402 reads it with, also takes "٢٠٠٠٠", "20_000", " +20000 " and 20000.0: one payment spelled many ways,
+    read by us as a number another reader of the header does not see."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and UINT_DIGITS.fullmatch(value):
+        return int(value)
+    raise ValueError(f"not a string of digits: {value!r}")
 
 
 def _window_refusal(values: Authorization, *, now: int, min_validity_seconds: int,

@@ -37,6 +37,7 @@ from marketplace.masumi_format import network_field as _network_field
 from marketplace.masumi_format import timestamp as _timestamp
 from marketplace.pagination import MAX_LIMIT
 from marketplace.serializers import (
+    DigitsField,
     StrictIntegerField,
     StrictSerializer,
     TextOnlySerializer,
@@ -117,7 +118,8 @@ def _input_hash_field():
 
 
 class FundsSerializer(TextOnlySerializer):
-    amount = serializers.CharField(max_length=80)
+    # Base units as a string of digits (a JSON integer read as its digits): " 5000000" was trimmed into the price.
+    amount = DigitsField(max_digits=78)
     unit = serializers.CharField(max_length=250, allow_blank=True)
 
 

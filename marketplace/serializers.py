@@ -62,10 +62,25 @@ def _text_errors(field: serializers.Field, value) -> list | dict | None:
             errors = {index: _not_a_string() for index, item in enumerate(value)
                       if item is not None and not isinstance(item, str)}
             return errors or None
+        if isinstance(value, list) and isinstance(items_of, serializers.UUIDField):
+            return {index: _not_an_ascii_uuid() for index, item in enumerate(value)
+                    if not _ascii_text(item)} or None
         return None
     if _is_text_field(field) and value is not None and not isinstance(value, str):
         return _not_a_string()
+    if isinstance(field, serializers.UUIDField) and value is not None and not _ascii_text(value):
+        return _not_an_ascii_uuid()
     return None
+
+
+def _ascii_text(value) -> bool:
+    return isinstance(value, str) and value.isascii()
+
+
+def _not_an_ascii_uuid() -> list:
+    # uuid.UUID() reads other scripts' digits ("٣" as 3) and DRF a JSON integer as UUID(int=...): an id has one
+    # spelling, ASCII, as in a path.
+    return [serializers.ErrorDetail("Must be a UUID written as a JSON string of ASCII hex digits.", code="invalid")]
 
 
 class TextOnlySerializer(serializers.Serializer):

@@ -1624,7 +1624,7 @@ def _high_s(payment: str) -> str:
     (lambda m: _with_payload(m.pay("translate"), lambda p: p["payload"]["authorization"].update(
         value=str(2**256 + PRICE))), "wrong_amount"),
     (lambda m: _with_payload(m.pay("translate"), lambda p: p["payload"]["authorization"].update(value=-PRICE)),
-     "wrong_amount"),
+     "malformed_payment"),  # no uint256
     (lambda m: _with_payload(m.pay("translate"), lambda p: p["accepted"].update(network="eip155:1")),
      "wrong_network"),
     (lambda m: _with_payload(m.pay("translate"), lambda p: p["accepted"].update(scheme="upto")),

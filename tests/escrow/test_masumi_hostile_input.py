@@ -1,0 +1,102 @@
+"""Hostile values in every field of the Masumi node's creates (`POST /purchase`, `POST /payment`, `POST /registry`):
+each is a 400 with a code, nothing written, and never read as another value than its plain spelling's."""
+
+import uuid
+
+import pytest
+
+from catalog.models import Service
+from escrow.models import MasumiPaymentRequest, MasumiPurchase
+from tests.conftest import error_code
+from tests.escrow.flow import USDC, Parties, deadline_clock
+
+pytestmark = [pytest.mark.chain, pytest.mark.django_db]
+
+PRICE = 5 * USDC
+
+
+@pytest.fixture
+def parties(escrow_chain):
+    return Parties(escrow_chain, upstream_base_url="http://127.0.0.1:9", upstream_protocol="masumi",
+                   masumi_protocol_version="2", skills=[],
+                   pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE, "token": "USDC"})
+
+
+def arabic_indic(text: str) -> str:
+    """`text` with its ASCII digits written as Arabic-Indic ones, which int() and uuid.UUID() read alike."""
+    return "".join(chr(0x0660 + int(c)) if c.isascii() and c.isdigit() else c for c in text)
+
+
+def _timer_values(now_ms: int) -> list:
+    return [arabic_indic(str(now_ms + 3_600_000)), f"{now_ms + 3_600_000:_}", f" {now_ms + 3_600_000}", "1e30",
+            "-1", -1, float(now_ms + 3_600_000), True, 10**40, "10000-01-01T00:00:00Z", "0x10", "\x00",
+            "2026-12-07T10:00:00", "a" * 100_000]
+
+
+def _refused(response, before: tuple[int, int]) -> None:
+    assert 400 <= response.status_code < 500, (response.status_code, response.content[:300])
+    assert error_code(response), response.content[:300]
+    assert (MasumiPurchase.objects.count(), MasumiPaymentRequest.objects.count()) == before
+
+
+def test_hostile_purchase_fields_are_400_and_nothing_is_written(parties, escrow_chain):
+    now_ms = deadline_clock(escrow_chain) * 1000
+    service_id = str(parties.service.pk)
+    base = {"network": "Preprod", "agentIdentifier": service_id, "input_data": {"text": "hi"}}
+    hostile = {
+        "agentIdentifier": [arabic_indic(service_id), int(uuid.UUID(service_id)), service_id + "\x00",
+                            "x" * 100_000, service_id.replace("a", "\u0430")],  # Cyrillic a
+        "identifierFromPurchaser": ["a\x00b", "a" * 251, 5],
+        "metadata": ["\x00", 5],
+        "inputHash": ["A" * 64, "0x" + "a" * 64, "a" * 63, arabic_indic("1" * 64)],
+        "Amounts": [[{"amount": arabic_indic(str(PRICE)), "unit": "USDC"}], [{"amount": f"{PRICE:_}", "unit": ""}],
+                    [{"amount": "5e6", "unit": ""}], [{"amount": -PRICE, "unit": ""}],
+                    [{"amount": float(PRICE), "unit": ""}], [{"amount": str(2**300), "unit": ""}]],
+        "smartContractAddress": [parties.chain.addresses["escrow"] + "00"],
+        **{timer: _timer_values(now_ms) for timer in ("payByTime", "submitResultTime", "unlockTime",
+                                                      "externalDisputeUnlockTime")},
+    }
+    before = (MasumiPurchase.objects.count(), MasumiPaymentRequest.objects.count())
+    for field, values in hostile.items():
+        for value in values:
+            response = parties.buyer_api.post("/purchase", {**base, field: value})
+            try:
+                _refused(response, before)
+            except AssertionError as error:
+                raise AssertionError(f"{field}={value!r:.80}: {error}") from None
+
+
+def test_hostile_payment_request_fields_are_400_and_nothing_is_written(parties, escrow_chain):
+    now_ms = deadline_clock(escrow_chain) * 1000
+    service_id = str(parties.service.pk)
+    base = {"network": "Preprod", "agentIdentifier": service_id, "identifierFromPurchaser": "order-9",
+            "inputHash": "a" * 64}
+    hostile = {
+        "agentIdentifier": [arabic_indic(service_id), int(uuid.UUID(service_id))],
+        "RequestedFunds": [[{"amount": arabic_indic(str(PRICE)), "unit": "USDC"}],
+                           [{"amount": f" {PRICE}", "unit": "USDC"}]],
+        **{timer: _timer_values(now_ms) for timer in ("payByTime", "submitResultTime")},
+    }
+    before = (MasumiPurchase.objects.count(), MasumiPaymentRequest.objects.count())
+    for field, values in hostile.items():
+        for value in values:
+            response = parties.seller_api.post("/payment", {**base, field: value})
+            try:
+                _refused(response, before)
+            except AssertionError as error:
+                raise AssertionError(f"{field}={value!r:.80}: {error}") from None
+
+
+def test_hostile_blockchain_identifiers_and_wallets_are_400(parties):
+    identifier = "0x" + "ab" * 32
+    for value in ["0X" + "ab" * 32, "0x" + "ab" * 31 + "a", arabic_indic("0x" + "12" * 32), identifier + "\n",
+                  identifier + "00", 5]:
+        for path, body in [("/purchase/request-refund", {}), ("/purchase/cancel-refund-request", {})]:
+            response = parties.buyer_api.post(path, {"network": "Preprod", "blockchainIdentifier": value, **body})
+            # 404 purchase_not_found for a spelling of a well-formed id (trimmed): no purchase has it
+            assert response.status_code in (400, 404) and error_code(response), (path, value, response.content[:300])
+    for wallet in [parties.seller_account.address + "00", parties.seller_account.address[:-1],
+                   "0X" + parties.seller_account.address[2:], arabic_indic(parties.seller_account.address)]:
+        response = parties.buyer_api.get("/registry/", {"network": "Preprod", "walletVKey": wallet})
+        assert response.status_code == 400 and error_code(response), (wallet, response.content[:300])
+    assert Service.objects.count() == 1
