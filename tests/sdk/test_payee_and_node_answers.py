@@ -807,7 +807,7 @@ def test_a_completion_the_buyers_rpc_does_not_show_is_not_taken_on_the_marketpla
 @pytest.mark.parametrize(("status", "challenge_deadline", "onchain"), [
     ("in_challenge", ONCHAIN_DEADLINE, "proposed"), ("disputed", None, "disputed"), ("settled", None, "settled"),
     ("settling", None, "resolved"),
-])
+], ids=["in_challenge", "disputed", "settled", "settling"])  # the deadline is a time: an id of it differs per process
 def test_a_completion_the_buyers_rpc_shows_is_returned(monkeypatch, status, challenge_deadline, onchain):
     assert complete_through(monkeypatch, status=status, challenge_deadline=challenge_deadline,
                             onchain=onchain)["status"] == status
