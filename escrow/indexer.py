@@ -465,6 +465,16 @@ def _follow_reorg(cursor: IndexerCursor) -> tuple[IndexerCursor | None, int]:
             break
     if fork is None:
         raise ReorgTooDeep(f"no block the indexer stored since {cursor.start_block} is canonical any more")
+    # A load-balanced provider's backend stuck on a branch the chain dropped answers the cursor's height with that
+    # branch's block: taken for a reorg, events the chain holds were rolled back. The branch that replaced the
+    # cursor's block must be one chain from the fork point up to the confirmation depth above that height, as the
+    # events were applied at it (blocks of another backend, the chain's, do not descend from the stale one's).
+    if not chain.blocks_above_descend(fork.number, fork.hash,
+                                      depth=cursor.last_block - fork.number + max(settings.CHAIN_CONFIRMATIONS, 1)):
+        logger.warning("the indexer's last block answered replaced, by no branch at the confirmation depth from the "
+                       "fork point: not rolled back until it is", extra={"block": cursor.last_block,
+                                                                          "fork_block": fork.number})
+        return cursor, 0
     logger.warning("chain reorg: rolling the indexer back", extra={"from_block": cursor.last_block,
                                                                     "fork_block": fork.number})
     return _roll_back(cursor, fork)

@@ -662,3 +662,56 @@ def test_a_block_of_a_dead_fork_a_backend_behind_answers_among_the_newest_is_not
     finally:
         relay.stop()
     assert funded.agreement(funded.agreement_id)["status"] == "active"
+
+
+def test_a_stale_backends_block_at_the_cursors_height_does_not_roll_back_what_the_chain_holds(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A load-balanced provider: one backend stuck on a branch the chain dropped answers the indexer's last block (and
+    the one below, holding the seller's proposal on the chain) with that branch's blocks; the others, the blocks above
+    included, are the chain's, which holds the proposal. Taken for a reorg, the proposal was rolled back (the agreement
+    back to `active`: the metered proxy charging again, webhooks sent) though the chain still holds it. A block another
+    answers at the cursor's height is a reorg only once the blocks from the fork point up to the confirmation depth
+    above it are one chain: nothing is rolled back on the stale backend's word, and a real reorg is still followed."""
+    from escrow.tasks import index_chain
+    from tests.support.rpc_relay import RpcRelay
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_CONFIRMATIONS = 3
+    call_n(funded, 4)
+    index(capture)
+    fork = chain.block_number()
+    before_fork = chain.snapshot()
+    chain.increase_time(7)  # the dropped branch: blocks of other times, so other hashes than the chain's
+    chain.mine(3)
+    relay = RpcRelay(chain.node.rpc_url).start()
+    dropped = {number: relay.node("eth_getBlockByNumber", [hex(number), False]) for number in (fork + 1, fork + 2)}
+    chain.revert(before_fork)
+    before_proposal = chain.snapshot()
+    seller_proposes_directly(funded, chain)  # the chain: the proposal at fork + 1
+    chain.mine(3)
+    index(capture)
+    assert IndexerCursor.objects.get().last_block == fork + 2
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+
+    node, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
+    for number, block in dropped.items():
+        relay.rewrite(lambda call, number=number: call.get("method") == "eth_getBlockByNumber"
+                      and call["params"][0] == hex(number), lambda answer, block=block: {**answer, "result": block})
+    try:
+        with capture(execute=True):
+            index_chain()
+    except gateway.ChainError:
+        pass  # the dropped branch's logs are refused (the node has not that block): the pass fails, visibly
+    finally:
+        relay.stop()
+        settings.CHAIN_RPC_URL = node
+    assert ChainEvent.objects.get(name="SettlementProposed").removed_at is None, \
+        "rolled back on a stale backend's block: the chain holds the proposal"
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    assert ("in_challenge", "active") not in statuses(funded.agreement_id)
+
+    # A real reorg taking the proposal is followed once the new branch is at the confirmation depth.
+    chain.reorg(before_proposal)
+    assert index(capture).rolled_back == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "active"
+    assert ChainEvent.objects.get(name="SettlementProposed").removed_at is not None
