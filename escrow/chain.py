@@ -735,11 +735,51 @@ def final_block_number(tag: str) -> int:
     """The node's `safe` or `finalized` block, as money released against it may trust: at or below the node's head.
     A node that names one beyond its head (a provider switched to another network, a misbehaving one) is not
     believed: ChainError, as when it refuses the tag or answers nothing for it."""
-    tagged = tagged_block_number(tag)
+    return final_block(tag)[0]
+
+
+def final_block(tag: str) -> tuple[int, str]:
+    """(number, hash) of the node's `safe` or `finalized` block, from one answer, as `final_block_number` believes it.
+    The hash names the chain the tag is of: a block below it is final only if that block descends to it
+    (`block_below`), whichever backend of a load-balanced provider answers the height."""
+    try:
+        block = w3().eth.get_block(tag)
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+    tagged = block.get("number")
+    if not isinstance(tagged, int):
+        raise UntrustedAnswer(f"the node answered its {tag} block without its number")
+    _check_block(block, tagged)
     head = latest_block_number()
     if tagged > head:
         raise ChainError(f"the node's {tag} block {tagged} is beyond its head {head}")
-    return tagged
+    return tagged, "0x" + block["hash"].hex().removeprefix("0x")
+
+
+def block_below(top: tuple[int, str], number: int) -> str | None:
+    """The hash of the block at height `number` on the chain that ends with block `top` (number, hash), read from
+    `top` down by parent hashes (a block by its hash is the same whichever backend answers it, where one by height
+    may be a stale backend's, on a branch the chain dropped); None when a block of that walk is not found (a node
+    without it), or when `number` is more than INDEXER_REORG_WINDOW_BLOCKS below `top` (not walked: so deep a
+    branch is beyond any reorg followed here, and the caller decides without it)."""
+    top_number, block_hash = top
+    if not 0 <= top_number - number <= settings.INDEXER_REORG_WINDOW_BLOCKS:
+        return None
+    for height in range(top_number, number, -1):
+        try:
+            block = w3().eth.get_block(block_hash)
+        except BlockNotFound:
+            return None
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc) from exc
+        _check_block(block, height)
+        if "0x" + block["hash"].hex().removeprefix("0x") != block_hash.lower():
+            raise UntrustedAnswer(f"the node answered block {block_hash:.80} with another block")
+        parent = block.get("parentHash")
+        if not isinstance(parent, bytes) or len(parent) != 32:
+            raise UntrustedAnswer(f"the node answered block {height} without its parent's hash")
+        block_hash = "0x" + parent.hex().removeprefix("0x")
+    return block_hash
 
 
 def next_block_timestamp() -> int:

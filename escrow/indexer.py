@@ -23,7 +23,8 @@ same reads (it goes away with a killed process's connection).
 
 Reorgs: the indexer keeps the hash of every range's last block and of every block with an event. A pass first
 checks the cursor's block; when its hash is no longer canonical, the newest stored block that still is becomes
-the fork point: the events after it are marked removed, and each agreement they touched is moved back to what
+the fork point, once the new branch is one chain from it to the confirmation depth above the cursor's height (a
+stale backend's block at that height is no reorg): the events after it are marked removed, and each agreement they touched is moved back to what
 its remaining canonical events say (the target of its newest remaining event; with none left, the status it
 had before the first removed one) — only while its status is one a removed event produced, so a step the
 marketplace took on its own since is left alone. Indexing then resumes after the fork point and applies the

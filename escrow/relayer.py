@@ -27,8 +27,8 @@
   transaction did, when that transaction's block is still canonical (the reorg took only ours, later: `_outcome_stands`).
 - `transactions_release_final`: a transaction that forwards money another one brought in (a skill invocation's
   payout or refund of its payment, a direct purchase's refund of its fee: `finality_wait_register`) is, under PAYOUT_HEAD_TAG, not signed until that
-  payment's block is at or below the node's tagged block and still canonical. `transaction_submit` leaves it queued
-  meanwhile, naming the block it waits for (`held_until_block`); each poll asks the node for the tagged block once
+  payment's block is at or below the node's tagged block, which descends from it (`_final_holds`).
+  `transaction_submit` leaves it queued meanwhile, naming the block it waits for (`held_until_block`); each poll asks the node for the tagged block once
   and sends those it passed (the submit checks again). A reorg that takes the payment first leaves nothing to undo:
   the domain withdraws the payout, never signed. A node that cannot be believed on the tag (it refuses it, answers
   nothing, names a block beyond its head: `chain.final_block_number`) releases nothing: what waits stays held.
@@ -721,10 +721,10 @@ def _waits_for_finality(tx: ChainTransaction) -> bool:
     spent = _spent_blocks[tx.purpose](tx)
     # The tag before the hash: a block final by the tag read first that still holds the payment holds it for good,
     # whereas a hash read first could predate a reorg the tag read after it already counts as final.
-    final = _final_block_number()
-    if spent is not None and chain.canonical_block_hash(spent[0]) == spent[1]:
-        if spent[0] <= final:
-            return False
+    final = _final_block()
+    if spent is not None and spent[0] <= final[0] and _final_holds(final, *spent):
+        return False
+    if spent is not None and spent[0] > final[0] and chain.canonical_block_hash(spent[0]) == spent[1]:
         until = spent[0]
     else:
         until = chain.latest_block_number()
@@ -737,16 +737,28 @@ def _waits_for_finality(tx: ChainTransaction) -> bool:
     return True
 
 
-def _final_block_number() -> int:
-    """The node's PAYOUT_HEAD_TAG block; -1 (nothing is final) when the node cannot be believed on it (it refuses the
-    tag, answers nothing, names a block beyond its head): what waits is held, visibly, never released on an error
-    (the dashboard, /readyz and reconcile say why: `selectors.payout_release_blocker`)."""
+def _final_block() -> tuple[int, str]:
+    """The node's PAYOUT_HEAD_TAG block (number, hash); (-1, "") (nothing is final) when the node cannot be believed on
+    it (it refuses the tag, answers nothing, names a block beyond its head): what waits is held, visibly, never
+    released on an error (the dashboard, /readyz and reconcile say why: `selectors.payout_release_blocker`)."""
     try:
-        return chain.final_block_number(settings.PAYOUT_HEAD_TAG)
+        return chain.final_block(settings.PAYOUT_HEAD_TAG)
     except chain.ChainError as error:
         logger.warning("the node's tagged block cannot be read: payouts waiting for their payment's finality stay held",
                        extra={"error": str(error), "tag": settings.PAYOUT_HEAD_TAG})
-        return -1
+        return -1, ""
+
+
+def _final_holds(final: tuple[int, str], number: int, block_hash: str) -> bool:
+    """Whether the payment's block (`number`, `block_hash`) is the one the tagged block `final` descends from. Its
+    height read alone may reach another backend of a load-balanced provider than the tag did: one stuck on a branch
+    the chain dropped still holds the payment there, and the payout was released on a payment the finalized chain
+    does not have. Read from the tagged block down by hash (`chain.block_below`); a payment block further below it
+    than that walk goes is compared at its height, as before."""
+    below = chain.block_below(final, number)
+    if below is None and final[0] - number > settings.INDEXER_REORG_WINDOW_BLOCKS:
+        below = chain.canonical_block_hash(number)
+    return below is not None and below.lower() == block_hash.lower()
 
 
 def transactions_release_final() -> int:

@@ -478,3 +478,46 @@ def test_a_failed_payout_the_operator_retries_waits_for_the_tag_as_the_first_did
     polls_until_concluded(capture, retry)  # the treasury's own sends above took nonces the relayer had counted on
     assert ChainTransaction.objects.get(pk=retry.pk).status == TxStatus.CONFIRMED
     assert invocation_of(market, invocation_id)["payment"]["status"] == "paid_out"
+
+
+def test_a_payment_a_stale_backend_still_holds_is_not_taken_final_on_a_fresh_backends_tag(
+        market, finalized_payouts, rpc_relay, django_capture_on_commit_callbacks):
+    """A load-balanced provider: one backend stuck on a branch the chain dropped still holds the payment (its block
+    at that height, its receipt); the others, on the chain, which finalized another block there (the buyer spent its
+    USDC on it: the payment cannot run again), answer the tag. The tag from one, the block at the payment's height
+    from the other: the payout was released on a payment the finalized chain does not hold, and the treasury paid the
+    seller money it never received. The payment's block must be the one the tagged block descends from (read by
+    hash from the tagged block down, as every backend that has a block answers it): else the payout stays held."""
+    from escrow.tasks import poll_confirmations
+    from tests.escrow.test_relayer_faults import stale_backend_answers
+
+    chain, capture = market.chain, django_capture_on_commit_callbacks
+    seller, treasury = usdc_balance(chain, market.seller.wallet_address), usdc_balance(chain, market.treasury)
+    before_fork = chain.snapshot()
+    run_paid(market, capture, "completed")
+    confirm_all(capture)
+    payment, payout = (ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYMENT),
+                       ChainTransaction.objects.get(purpose=TxPurpose.INVOCATION_PAYOUT))
+    assert payment.status == TxStatus.CONFIRMED and payout.status == TxStatus.QUEUED
+    receipt = rpc_relay.node("eth_getTransactionReceipt", [payment.mined_tx_hash])
+    block = rpc_relay.node("eth_getBlockByNumber", [hex(payment.mined_block_number), False])
+
+    chain.reorg(before_fork)  # another branch wins, deeper than CHAIN_CONFIRMATIONS (1), and is finalized
+    spend_all_but(chain, market.buyer.address, keep=0)
+    chain.mine(ANVIL_FINALITY_LAG + 3)
+    stale_backend_answers(rpc_relay, payment.mined_tx_hash, receipt, block)
+    for _ in range(3):
+        with capture(execute=True):
+            mined_what_was_sent()
+            poll_confirmations()
+    payout.refresh_from_db()
+    assert payout.attempts.count() == 0, "paid out on a payment only a stale backend holds"
+    mined_what_was_sent()
+    assert usdc_balance(chain, market.treasury) == treasury
+    assert usdc_balance(chain, market.seller.wallet_address) == seller
+
+    rpc_relay.rewrite_none()  # every backend on the chain: the payment is gone, the payout withdrawn unsigned
+    polls_until_concluded(capture, payment, payout)
+    payout.refresh_from_db()
+    assert payout.status == TxStatus.FAILED and payout.attempts.count() == 0
+    assert usdc_balance(chain, market.treasury) == treasury
