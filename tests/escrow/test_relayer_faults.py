@@ -1659,3 +1659,38 @@ def test_the_queued_sweep_sends_a_transaction_again_only_once_its_message_may_be
     assert relayer.transactions_sweep_queued(now=later) == 2
     assert sent[3:] == [str(older.pk), str(newest.pk)]
     assert ChainTransaction.objects.get(pk=oldest.pk).status == TxStatus.SUBMITTED
+
+
+@pytest.mark.parametrize("held", ["eth_call", "eth_estimateGas", "eth_sendRawTransaction"])
+def test_a_call_whose_answer_never_comes_back_is_no_verdict_on_the_transaction(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks, held):
+    """The node does the work (runs the simulation, takes the transaction into its pool) but its answer never comes
+    back: the call times out. A simulation that timed out is no revert (the payout failed for good, its domain told
+    so), and a broadcast that timed out is no refusal nor a transaction to sign again: the submit leaves the payout
+    queued (the sweeper sends it), or submitted with its one attempt, whose receipt the next poll finds. Sent once,
+    paid once."""
+    chain, capture, recipient = escrow_chain, django_capture_on_commit_callbacks, escrow_chain.accounts.stranger
+    settings.CHAIN_RPC_TIMEOUT, settings.CHAIN_RPC_RETRIES = 1.0, 0
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before, nonce_before = usdc_balance(chain, recipient.address), relayer_nonce_on_chain(chain)
+    rpc_relay.hold(held)
+    try:
+        tx = relayer_transfer(chain, capture, recipient.address, 2 * USDC)  # the submit task runs and times out
+    finally:
+        rpc_relay.release()
+    assert tx.status != TxStatus.FAILED, "a call that timed out taken for a revert"
+    if held == "eth_sendRawTransaction":
+        assert tx.status == TxStatus.SUBMITTED and tx.attempts.count() == 1
+        assert "RpcUnavailable" in tx.attempts.get().broadcast_error
+    else:
+        assert (tx.status, tx.attempts.count()) == (TxStatus.QUEUED, 0)
+        assert tx.submit_error.startswith("RpcUnavailable")
+        settings.CHAIN_SWEEP_AFTER = timedelta(0)
+        with capture(execute=True):
+            relayer.transactions_sweep_queued()
+    for _ in range(2):
+        confirm_all(capture)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
+    assert relayer_nonce_on_chain(chain) == nonce_before + 1
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
