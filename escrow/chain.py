@@ -821,6 +821,31 @@ def canonical_block_hashes(number: int) -> tuple[str, str] | None:
     return "0x" + block["hash"].hex().removeprefix("0x"), "0x" + parent.hex().removeprefix("0x")
 
 
+# Within a relayer poll (`headers_read_once`), the node's answers for the heights the depth checks read: (hash, parent
+# hash), or None. Transactions mined in one block (or in neighbouring ones) ask the same heights: each asked them again.
+_headers_read: ContextVar[dict | None] = ContextVar("headers_read", default=None)
+
+
+@contextmanager
+def headers_read_once() -> Iterator[None]:
+    """Within the block, `blocks_above_descend` asks the node each height once: every check still compares each
+    block's parent with the block below it, on one answer per height (as a poll reads the chain at one moment)."""
+    token = _headers_read.set({})
+    try:
+        yield
+    finally:
+        _headers_read.reset(token)
+
+
+def _header_hashes(number: int) -> tuple[str, str] | None:
+    read = _headers_read.get()
+    if read is None:
+        return canonical_block_hashes(number)
+    if number not in read:
+        read[number] = canonical_block_hashes(number)
+    return read[number]
+
+
 def blocks_above_descend(number: int, block_hash: str, *, depth: int) -> bool:
     """Whether the node's blocks above block `number` (`block_hash`), up to `depth` blocks counting it, descend from
     it, each the parent of the next: what makes the block `depth` deep. The head's number alone, from a backend of a
@@ -829,7 +854,7 @@ def blocks_above_descend(number: int, block_hash: str, *, depth: int) -> bool:
     `_confirmed_above`)."""
     parent = block_hash.lower()
     for above in range(number + 1, number + max(depth, 1)):
-        hashes = canonical_block_hashes(above)
+        hashes = _header_hashes(above)
         if hashes is None or hashes[1].lower() != parent:
             return False
         parent = hashes[0].lower()

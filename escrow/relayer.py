@@ -1423,29 +1423,31 @@ def transactions_poll() -> int:
     batch = ChainTransaction.objects.filter(status__in=[TxStatus.SUBMITTED, TxStatus.MINED]).order_by("polled_at", "pk")
     pending = [pk for pk, _ in sorted(batch.values_list("pk", "updated_at")[:POLL_BATCH],
                                       key=operator.itemgetter(1))]
-    balances, looked_at = _wallet_balances.set({}), len(pending)
-    try:
-        tried, checked, read, deferred = _check_each(pending, failures)
-        if tried == len(pending) and deferred:
-            # The failures' agreements' and invocations' transactions the batch left out (more in flight than a
-            # poll takes up), read now: else the failures waited for a poll whose batch held them all, which the
-            # rotation by polled_at may never bring.
-            left_out = _left_out_of_the_poll(deferred, polled=pending)
-            _, more_checked, more_read, more_deferred = _check_each(left_out, failures)
-            looked_at, checked = looked_at + len(left_out), checked + more_checked
-            read, deferred = [*read, *more_read], [*deferred, *more_deferred]
-    finally:
-        _wallet_balances.reset(balances)
-    # Then the failures: one's outcome may withdraw other transactions (a reverted payment withdraws its payout),
-    # which the chain may show mined already. Checked first, it cancelled a payout made at its depth with a nonce
-    # fill, reported then as outrun by the payout's bytes; checked after, the payout is confirmed and stands.
-    for tx_id in _failures_decidable(deferred, read=read):
+    # One answer per height for the depth checks of the poll's transactions (`chain.headers_read_once`).
+    with chain.headers_read_once():
+        balances, looked_at = _wallet_balances.set({}), len(pending)
         try:
-            with failures.row(tx_id, reraise=(chain.ChainError,), atomic=False):
-                transaction_check(transaction_id=tx_id)
-        except chain.ChainError as error:
-            logger.warning("chain transaction's failure not concluded", extra={"tx_id": str(tx_id),
-                                                                               "error": str(error)})
+            tried, checked, read, deferred = _check_each(pending, failures)
+            if tried == len(pending) and deferred:
+                # The failures' agreements' and invocations' transactions the batch left out (more in flight than a
+                # poll takes up), read now: else the failures waited for a poll whose batch held them all, which the
+                # rotation by polled_at may never bring.
+                left_out = _left_out_of_the_poll(deferred, polled=pending)
+                _, more_checked, more_read, more_deferred = _check_each(left_out, failures)
+                looked_at, checked = looked_at + len(left_out), checked + more_checked
+                read, deferred = [*read, *more_read], [*deferred, *more_deferred]
+        finally:
+            _wallet_balances.reset(balances)
+        # Then the failures: one's outcome may withdraw other transactions (a reverted payment withdraws its payout),
+        # which the chain may show mined already. Checked first, it cancelled a payout made at its depth with a nonce
+        # fill, reported then as outrun by the payout's bytes; checked after, the payout is confirmed and stands.
+        for tx_id in _failures_decidable(deferred, read=read):
+            try:
+                with failures.row(tx_id, reraise=(chain.ChainError,), atomic=False):
+                    transaction_check(transaction_id=tx_id)
+            except chain.ChainError as error:
+                logger.warning("chain transaction's failure not concluded", extra={"tx_id": str(tx_id),
+                                                                                   "error": str(error)})
     try:
         # After the checks, as the failures, and under the same rule: a watched failure's outcome renewed may withdraw
         # what they found mined (a failed direct payment found paid by a copy withdraws its fee's refund, which stands

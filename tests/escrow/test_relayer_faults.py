@@ -1694,3 +1694,32 @@ def test_a_call_whose_answer_never_comes_back_is_no_verdict_on_the_transaction(
     assert tx.status == TxStatus.CONFIRMED and tx.attempts.count() == 1
     assert relayer_nonce_on_chain(chain) == nonce_before + 1
     assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+
+
+def test_a_poll_reads_the_headers_above_a_block_once_for_every_transaction_mined_in_it(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
+    """Several payouts mined in one block, concluded by one poll at CHAIN_CONFIRMATIONS 4: the depth of each is counted
+    over the blocks that descend from its block, each the parent of the next. Those headers were read again for each
+    transaction (3 calls a payout: 300 for a poll concluding 100 payouts of a block); the poll reads each height once,
+    and every payout is still concluded only over blocks that descend from its own."""
+    chain, capture, recipient = escrow_chain, django_capture_on_commit_callbacks, escrow_chain.accounts.stranger
+    settings.CHAIN_CONFIRMATIONS = 4
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    chain.rpc("evm_setAutomine", [False])
+    try:
+        payouts = [relayer_transfer(chain, capture, recipient.address, USDC) for _ in range(3)]
+        chain.mine()
+    finally:
+        chain.rpc("evm_setAutomine", [True])
+    confirm_all(capture)  # mined, not deep yet
+    mined_in = {ChainTransaction.objects.get(pk=payout.pk).mined_block_number for payout in payouts}
+    assert len(mined_in) == 1
+    chain.mine(3)
+    block = mined_in.pop()
+    asked: list[int] = []
+    rpc_relay.observers.append(lambda call: asked.append(int(call["params"][0], 16)) if (
+        call.get("method") == "eth_getBlockByNumber" and call["params"][0].startswith("0x")) else None)
+    confirm_all(capture)
+    assert all(ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.CONFIRMED for payout in payouts)
+    above = [number for number in asked if number > block]
+    assert sorted(above) == [block + 1, block + 2, block + 3], f"headers above the payouts' block read: {above}"
