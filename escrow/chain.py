@@ -767,19 +767,30 @@ def block_below(top: tuple[int, str], number: int) -> str | None:
         return None
     for height in range(top_number, number, -1):
         try:
-            block = w3().eth.get_block(block_hash)
+            block_hash = _parent_hash(block_hash.lower(), height)
         except BlockNotFound:
             return None
-        except Exception as exc:  # noqa: BLE001
-            raise classify(exc) from exc
-        _check_block(block, height)
-        if "0x" + block["hash"].hex().removeprefix("0x") != block_hash.lower():
-            raise UntrustedAnswer(f"the node answered block {block_hash:.80} with another block")
-        parent = block.get("parentHash")
-        if not isinstance(parent, bytes) or len(parent) != 32:
-            raise UntrustedAnswer(f"the node answered block {height} without its parent's hash")
-        block_hash = "0x" + parent.hex().removeprefix("0x")
     return block_hash
+
+
+@lru_cache(maxsize=4096)
+def _parent_hash(block_hash: str, height: int) -> str:
+    """The parent's hash of block `block_hash` at `height`. A block's hash covers its parent's, so the answer is the
+    same from every backend and for ever: read once per process, not once per payout and check (a relayer back
+    after an hour walked ~1,800 blocks for each payout it released). Errors and BlockNotFound are not kept."""
+    try:
+        block = w3().eth.get_block(block_hash)
+    except BlockNotFound:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc) from exc
+    _check_block(block, height)
+    if "0x" + block["hash"].hex().removeprefix("0x") != block_hash:
+        raise UntrustedAnswer(f"the node answered block {block_hash:.80} with another block")
+    parent = block.get("parentHash")
+    if not isinstance(parent, bytes) or len(parent) != 32:
+        raise UntrustedAnswer(f"the node answered block {height} without its parent's hash")
+    return "0x" + parent.hex().removeprefix("0x")
 
 
 def next_block_timestamp() -> int:

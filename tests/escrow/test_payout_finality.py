@@ -521,3 +521,27 @@ def test_a_payment_a_stale_backend_still_holds_is_not_taken_final_on_a_fresh_bac
     payout.refresh_from_db()
     assert payout.status == TxStatus.FAILED and payout.attempts.count() == 0
     assert usdc_balance(chain, market.treasury) == treasury
+
+
+def test_payouts_released_from_one_tag_read_each_block_below_it_once(
+        market, finalized_payouts, rpc_relay, django_capture_on_commit_callbacks):
+    """Each held payout's payment block is read from the tagged block down by hash, at release and again at signing.
+    A block by its hash names its parent for ever: read again for each payout and each check, a relayer back from an
+    hour away, its tag ~1,800 blocks above a hundred payments, asked the node 360,000 blocks in one poll."""
+    capture = django_capture_on_commit_callbacks
+    for _ in range(2):
+        run_paid(market, capture, "completed")
+    confirm_all(capture)
+    held = ChainTransaction.objects.filter(purpose=TxPurpose.INVOCATION_PAYOUT)
+    assert [payout.status for payout in held] == [TxStatus.QUEUED, TxStatus.QUEUED]
+    market.chain.mine(ANVIL_FINALITY_LAG + 20)
+    asked: list[str] = []
+    rpc_relay.observers.append(lambda call: asked.append(call["params"][0].lower()) if (
+        call.get("method") == "eth_getBlockByHash") else None)
+
+    confirm_all(capture)  # released and sent
+    confirm_all(capture)  # confirmed
+
+    assert [payout.status for payout in held.all()] == [TxStatus.CONFIRMED, TxStatus.CONFIRMED]
+    assert len(asked) > 20 and len(asked) == len(set(asked)), \
+        f"{len(asked)} blocks asked by hash, {len(set(asked))} of them different"
