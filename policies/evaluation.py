@@ -66,10 +66,10 @@ def evaluate(policy: Policy | None, purchase: Purchase, spend: Spend) -> Decisio
 
     # A rule stored in a form the API does not write (around the API and the admin's form, after migration 0005
     # rewrote the others): what its owner meant is not guessed; it denies (a misread one let purchases through).
-    for name in rules.LIST_RULES:
-        if not rules.rule_is_canonical(name, getattr(policy, name)):
-            return deny(name, "The policy's rule is stored in a form it cannot be read in: its owner must set it "
-                              "again.", reason="rule_unreadable")
+    unreadable = rules.rules_unreadable(policy)
+    if unreadable:
+        return deny(unreadable[0], "The policy's rule is stored in a form it cannot be read in: its owner must set it again.",
+                    reason=rules.RULE_UNREADABLE)
     if purchase.seller_handle in policy.blocked_sellers:
         return deny("blocked_sellers", "The seller is blocked by policy.", seller=purchase.seller_handle)
     if policy.allowed_sellers and purchase.seller_handle not in policy.allowed_sellers:

@@ -64,3 +64,14 @@ def rule_is_canonical(name: str, value) -> bool:
         return all(rule_normalised(name, [entry]) == [entry] for entry in value)
     except RuleNotNormalisable:
         return False
+
+
+# Evaluation's code of a rule not in the form the API writes (`rules_unreadable`): its deny's `reason`, and the code
+# the policy's GET flags the rule with.
+RULE_UNREADABLE = "rule_unreadable"
+
+
+def rules_unreadable(policy) -> list[str]:
+    """The list rules of `policy` not stored as the API writes them (`rule_is_canonical`), which evaluation denies
+    every purchase by (fails closed) until the owner sets them again."""
+    return [name for name in LIST_RULES if not rule_is_canonical(name, getattr(policy, name))]

@@ -4,6 +4,7 @@ from rest_framework import serializers
 from catalog.models import HANDLE_VALIDATOR
 from marketplace.pagination import PageQuerySerializer
 from marketplace.serializers import AtomicAmountField, StrictSerializer, TagListField
+from policies import rules
 from policies.models import ApprovalStatus
 
 _LIMITS = {
@@ -16,6 +17,11 @@ _LIMITS = {
 
 def _limit_field(help_text: str):
     return AtomicAmountField(required=False, allow_null=True, help_text=f"{help_text} Null: none.")
+
+
+class UnreadableRuleSerializer(serializers.Serializer):
+    rule = serializers.ChoiceField(choices=rules.LIST_RULES)
+    code = serializers.ChoiceField(choices=[rules.RULE_UNREADABLE])
 
 
 class PolicySerializer(StrictSerializer):
@@ -39,6 +45,7 @@ class PolicySerializer(StrictSerializer):
     allowed_tokens = serializers.ListField(child=serializers.ChoiceField(choices=settings.SUPPORTED_TOKENS),
                                            required=False)
     updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    unreadable_rules = UnreadableRuleSerializer(many=True, read_only=True)  # a GET's, sent back: ignored
 
     def to_internal_value(self, data):
         value = super().to_internal_value(data)
@@ -50,18 +57,30 @@ class PolicySerializer(StrictSerializer):
                 value[name] = [str(service_id) for service_id in value[name]]
         return value
 
+
+class PolicyShownSerializer(PolicySerializer):
+    """The policy as its GET and PUT answer it. A list rule stored in a form the API does not write (one migration
+    0005 could not rewrite, or written around the API since) is null and named in `unreadable_rules`: evaluation
+    denies every purchase of the agent by it (403, `reason` `rule_unreadable`) until its owner sets it again. It was
+    shown as stored, a number or a mapping where a list goes, as if it held."""
+
+    def get_fields(self):
+        fields = super().get_fields()
+        for name in rules.LIST_RULES:
+            fields[name].allow_null = True
+            fields[name].help_text = "Null: stored in a form the API does not write (`unreadable_rules`)."
+        return fields
+
     def to_representation(self, policy):
         if policy is None:
-            return {**{f"{name}_atomic": None for name in _LIMITS},
-                    **{name: [] for name in ("allowed_sellers", "blocked_sellers", "allowed_services",
-                                             "blocked_services", "allowed_tags", "blocked_tags", "allowed_tokens")},
-                    "updated_at": None}
+            return {**{f"{name}_atomic": None for name in _LIMITS}, **{name: [] for name in rules.LIST_RULES},
+                    "updated_at": None, "unreadable_rules": []}
+        unreadable = rules.rules_unreadable(policy)
         return {
             **{f"{name}_atomic": getattr(policy, name) for name in _LIMITS},
-            **{name: getattr(policy, name) for name in ("allowed_sellers", "blocked_sellers", "allowed_services",
-                                                        "blocked_services", "allowed_tags", "blocked_tags",
-                                                        "allowed_tokens")},
+            **{name: None if name in unreadable else getattr(policy, name) for name in rules.LIST_RULES},
             "updated_at": policy.updated_at,
+            "unreadable_rules": [{"rule": name, "code": rules.RULE_UNREADABLE} for name in unreadable],
         }
 
 

@@ -15,6 +15,7 @@ from policies.serializers import (
     DecisionQuery,
     DecisionSerializer,
     PolicySerializer,
+    PolicyShownSerializer,
 )
 
 OWNER = [{"OwnerToken": []}]
@@ -30,23 +31,23 @@ class PolicyView(APIView):
     permission_classes = [owner_scope_by_method(write=OwnerScope.ADMIN)]
 
     @extend_schema(operation_id="policies_get", summary="The agent's policy (owner)", tags=TAGS, auth=OWNER,
-                   responses={200: PolicySerializer, **error_responses(404)})
+                   responses={200: PolicyShownSerializer, **error_responses(404)})
     def get(self, request, agent_id):
         agent = _owned_agent(request, agent_id)
         # to_representation, not .data: DRF's .data ignores an instance of None (no policy yet).
-        return Response(PolicySerializer().to_representation(selectors.policy_of(agent=agent)))
+        return Response(PolicyShownSerializer().to_representation(selectors.policy_of(agent=agent)))
 
     @extend_schema(operation_id="policies_put", summary="Change the fields given of the agent's policy (owner)",
                    description="Fields left out are kept (null lifts a limit, [] empties a list); a body giving none "
                                "is 400 `empty_policy_update`.",
                    tags=TAGS, auth=OWNER, request=PolicySerializer,
-                   responses={200: PolicySerializer, **error_responses(404)})
+                   responses={200: PolicyShownSerializer, **error_responses(404)})
     def put(self, request, agent_id):
         agent = _owned_agent(request, agent_id)
         body = PolicySerializer(data=request.data)
         body.is_valid(raise_exception=True)
         policy = services.policy_update(agent=agent, actor=request.user, changes=body.validated_data)
-        return Response(PolicySerializer(policy).data)
+        return Response(PolicyShownSerializer(policy).data)
 
 
 class ApprovalsView(APIView):

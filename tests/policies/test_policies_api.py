@@ -662,3 +662,35 @@ def test_the_api_writes_each_list_rule_in_the_form_evaluation_reads(owner_api, b
     assert response.status_code == 200, response.content
     policy = Policy.objects.get(agent=buyer)
     assert all(rules.rule_is_canonical(name, getattr(policy, name)) for name in rules.LIST_RULES)
+
+
+@pytest.mark.parametrize(("stored", "rule"), [
+    ({"blocked_services": 5}, "blocked_services"),
+    ({"blocked_sellers": {"seller-one": True}}, "blocked_sellers"),
+    ({"allowed_tags": [{"tag": "x"}]}, "allowed_tags"),
+    ({"blocked_sellers": ["SELLER-ONE"]}, "blocked_sellers"),  # stored around the API after the migration
+])
+def test_a_rule_stored_in_a_form_the_api_does_not_write_is_shown_flagged_not_as_if_it_held(
+        owner_api, buyer, buyer_api, service, stored, rule):
+    """A rule migration 0005 could not rewrite (a number, a mapping, an entry that is no text), or one written around
+    the API since, denies every purchase of the agent (fails closed); its owner's GET showed it as stored, as if it
+    were a rule like any other (a number where the schema says a list), with nothing saying why every purchase was
+    refused. It is shown null and named in `unreadable_rules` with evaluation's code, until its owner sets it again."""
+    from policies.models import Policy
+
+    Policy.objects.create(agent=buyer, daily_cap=7, **stored)
+    url = f"/agents/{buyer.pk}/policies"
+    shown = owner_api.get(url)
+    assert shown.status_code == 200, shown.content
+    assert shown.json()["unreadable_rules"] == [{"rule": rule, "code": "rule_unreadable"}], shown.content
+    assert shown.json()[rule] is None and shown.json()["daily_cap_atomic"] == 7
+    assert_documented(shown, "get", "/agents/{agent_id}/policies")
+    denied = buyer_api.post("/usage-agreements", proposal(service))
+    assert denied.status_code == 403 and denied.json()["error"]["details"]["rule"] == rule
+
+    kept = owner_api.put(url, {"daily_cap_atomic": 8})  # what a PUT leaves out is kept: still flagged
+    assert kept.status_code == 200 and kept.json()["unreadable_rules"] == [{"rule": rule, "code": "rule_unreadable"}]
+    set_again = owner_api.put(url, {rule: []})
+    assert set_again.status_code == 200, set_again.content
+    assert set_again.json()["unreadable_rules"] == [] and set_again.json()[rule] == []
+    assert owner_api.get(url).json()["unreadable_rules"] == []
