@@ -677,7 +677,8 @@ def _payout_reopened(tx: ChainTransaction) -> None:
 
 
 def settlement_tick(*, now: int | None = None) -> dict[str, int]:
-    """Everything due, in one pass (the beat task). Each step is idempotent and safe to run concurrently. A node of
+    """Everything due, in one pass (the beat task), at most SETTLEMENT_TICK_BATCH agreements a step (`_in_turn`: the
+    next tick takes the rest). Each step is idempotent and safe to run concurrently. A node of
     another chain than CHAIN_ID has nothing read from it (`chain.node_chain_check`: WrongChain, the task failing
     loudly): its escrows' states moved ours (a finalize's agreement to settling, a reclaim's completion asked for)."""
     chain.node_chain_check()
@@ -689,7 +690,7 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
     # when nothing can be proposed any more, every one whose escrow has nothing proposed is reclaimed for the buyer.
     # A chain read that fails for one agreement (a node timing out, an escrow a reorg took) is logged and the others
     # go on: raised, it would leave every agreement after it undone at every tick.
-    for agreement in agreement_selectors.agreements_past_expiry(now=now_dt):
+    for agreement in _in_turn(agreement_selectors.agreements_past_expiry(now=now_dt), "expiry", by="expires_at"):
         with agreement_context(agreement.pk), _goes_on_after_chain_error("expiry", agreement.pk, failures):
             terms = selectors.escrow_terms(agreement=agreement)
             if _proposal_period_over(terms, now=now):
@@ -699,16 +700,18 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
                 agreement_services.completion_request(agreement=agreement, reason="expired")
                 done["expired"] += 1
     stale = agreement_selectors.calls_stale_before(now=timezone.now())
-    for agreement in agreement_selectors.agreements_ready_to_propose(stale_reservation_before=stale):
+    for agreement in _in_turn(agreement_selectors.agreements_ready_to_propose(stale_reservation_before=stale),
+                              "proposal", by="completion_requested_at"):
         with agreement_context(agreement.pk), _goes_on_after_chain_error("proposal", agreement.pk, failures):
             if settlement_propose(agreement_id=agreement.pk, now=now):
                 done["proposed"] += 1
-    for agreement in agreement_selectors.agreements_proposed_below_their_last_receipt(now=now_dt):
+    for agreement in _in_turn(agreement_selectors.agreements_proposed_below_their_last_receipt(now=now_dt),
+                              "re-proposal", by="challenge_deadline"):
         with agreement_context(agreement.pk), _goes_on_after_chain_error("proposal", agreement.pk, failures):
             if settlement_repropose(agreement_id=agreement.pk, now=now):
                 done["proposed"] += 1
-    for agreement in agreement_selectors.agreements_in_status(status=AgreementStatus.IN_CHALLENGE).filter(
-            challenge_deadline__lte=now_dt):
+    for agreement in _in_turn(agreement_selectors.agreements_in_status(status=AgreementStatus.IN_CHALLENGE).filter(
+            challenge_deadline__lte=now_dt), "finalize", by="challenge_deadline"):
         with agreement_context(agreement.pk), _goes_on_after_chain_error("finalize", agreement.pk, failures):
             if _finalize(agreement, now=now):
                 done["finalizing"] += 1
@@ -718,6 +721,14 @@ def settlement_tick(*, now: int | None = None) -> dict[str, int]:
                 done["finalizing"] += 1
     failures.raise_if_any(applied=sum(done.values()))
     return done
+
+
+def _in_turn(due, step: str, *, by: str) -> list[UsageAgreement]:
+    """At most SETTLEMENT_TICK_BATCH of the agreements due for a step of the tick, the longest due (`by`) first, the
+    next tick taking up after the last (`sweeps.rows_in_turn`). All of them at once (thousands due together: windows
+    ending in the same minute, the workers back after an outage) held a worker for all their chain reads, past the
+    task's time limit, and a run killed there started over from the first."""
+    return sweeps.rows_in_turn(due, turn=f"settlement-tick:{step}", by=by, size=settings.SETTLEMENT_TICK_BATCH)
 
 
 @contextmanager
@@ -823,11 +834,12 @@ def _dispute_timed_out_at(agreement: UsageAgreement, *, escrow: tuple[selectors.
 
 
 def _disputes_maybe_timed_out(*, now: datetime) -> Iterator[UsageAgreement]:
-    """Disputed agreements whose dispute may have timed out by `now` (the chain's clock); the others are not read from
-    the chain at every tick. The challenge came after the escrow's last proposal, which started a window ending no
-    sooner than the one the books hold (the chain's time, from its event): the timeout is at least that end, less the
-    window, plus DISPUTE_TIMEOUT."""
-    for agreement in agreement_selectors.agreements_in_status(status=AgreementStatus.DISPUTED):
+    """Disputed agreements whose dispute may have timed out by `now` (the chain's clock), of a batch in turn; the
+    others are not read from the chain at every tick. The challenge came after the escrow's last proposal, which
+    started a window ending no sooner than the one the books hold (the chain's time, from its event): the timeout is
+    at least that end, less the window, plus DISPUTE_TIMEOUT."""
+    for agreement in _in_turn(agreement_selectors.agreements_in_status(status=AgreementStatus.DISPUTED),
+                              "dispute-timeout", by="created_at"):
         if (agreement.challenge_deadline is None or agreement.challenge_deadline + selectors.DISPUTE_TIMEOUT
                 - timedelta(seconds=agreement.challenge_window_seconds) <= now):
             yield agreement

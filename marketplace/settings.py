@@ -522,6 +522,10 @@ RELAY_IN_FLIGHT_PER_CLIENT = env.int("RELAY_IN_FLIGHT_PER_CLIENT", default=10)
 # seconds, at most MAX_ATTEMPTS times; then it waits on the dashboard for an operator's retry (which starts over).
 SETTLEMENT_PROPOSE_MAX_ATTEMPTS = env.int("SETTLEMENT_PROPOSE_MAX_ATTEMPTS", default=5)
 SETTLEMENT_PROPOSE_BACKOFF_SECONDS = env.int("SETTLEMENT_PROPOSE_BACKOFF_SECONDS", default=30)
+# Agreements each step of a settlement tick (expiry, proposal, re-proposal, finalize, dispute timeout) takes at most,
+# the longest due first; the next tick (SETTLEMENT_TICK_SECONDS) takes up after them. Each costs a chain read or two:
+# a run stays well inside TASK_TIME_LIMIT_SECONDS with a slow node.
+SETTLEMENT_TICK_BATCH = env.int("SETTLEMENT_TICK_BATCH", default=100)
 MASUMI_PURCHASE_TICK_SECONDS = env.int("MASUMI_PURCHASE_TICK_SECONDS", default=10)
 # The Masumi jobs tick calls sellers (start_job, status) this many at a time, at most 2 at once per seller, and
 # starts no call after MASUMI_PURCHASE_TICK_SECONDS: a tick lasts at most that plus MASUMI_SERVICE_TIMEOUT.

@@ -6,8 +6,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
 
+from django.core.cache import cache
 from django.db import transaction
-from django.db.models import Model, QuerySet
+from django.db.models import Model, Q, QuerySet
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +83,28 @@ def marked_rows_publish(*, model: type[Model], pks: list, marked: str, now: date
         except Exception:
             model.objects.filter(pk__in=pks[index:], **{marked: now}).update(**{marked: None})
             raise
+
+
+def rows_in_turn(due: QuerySet, *, turn: str, by: str, size: int) -> list:
+    """At most `size` rows of `due`, in the order of `by` (never null), then pk: those after the last row the previous
+    run of `turn` took, then, the end reached, from the first on again. A run takes a bounded batch, and rows that stay
+    due without moving on (a step waiting on the chain) never keep the ones after them from their turn. Where the
+    previous run ended is kept in the cache: lost (Redis restarted, flushed, down), the run starts from the first."""
+    key = f"rows-in-turn:{turn}"
+    ordered = due.order_by(by, "pk")
+    try:
+        after = cache.get(key)
+    except Exception:  # the cache is down: from the first, as with nothing kept
+        logger.warning("%s: where the last run ended is not known; from the first row", turn, exc_info=True)
+        after = None
+    rows = []
+    if after is not None:
+        value, pk = after
+        rows = list(ordered.filter(Q(**{f"{by}__gt": value}) | Q(**{by: value, "pk__gt": pk}))[:size])
+    if len(rows) < size:
+        rows += list(ordered.exclude(pk__in=[row.pk for row in rows])[:size - len(rows)])
+    try:
+        cache.set(key, (getattr(rows[-1], by), rows[-1].pk) if len(rows) == size else None, timeout=None)
+    except Exception:
+        logger.warning("%s: where this run ended is not kept", turn, exc_info=True)
+    return rows

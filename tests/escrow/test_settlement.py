@@ -1331,3 +1331,34 @@ def test_a_proposal_a_lagging_backend_has_not_seen_by_reclaim_after_is_not_recla
                 .values_list("status", flat=True)) == []
     index(capture)
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+
+
+def test_a_settlement_tick_takes_a_bounded_batch_oldest_first_and_the_next_tick_the_rest(
+        funded, escrow_chain, django_capture_on_commit_callbacks, settings):
+    """Every agreement due was read, locked and queued in one run: thousands due at once (a busy hour's challenge
+    windows ending together, the workers back after an outage) held one worker for as long as their chain reads took,
+    past the task's time limit, and the run killed there started over from the first. Each step takes at most
+    SETTLEMENT_TICK_BATCH agreements, the longest due first; the next tick takes up where it ended, so none is left
+    behind for ever by others that stay due (a finalize the chain's window still holds back)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    agreement_ids = [funded.agreement_id]
+    for _ in range(3):
+        agreement = funded.accepted_agreement(quantity=100)
+        funded.activate(agreement["id"], capture)
+        agreement_ids.append(agreement["id"])
+    for agreement_id in agreement_ids:
+        assert funded.buyer_api.get(f"/metered-proxy/{agreement_id}/work").status_code == 200
+        assert funded.buyer_api.post(f"/usage-agreements/{agreement_id}/complete").status_code == 200
+    settings.SETTLEMENT_TICK_BATCH = 2
+
+    first = tick(capture)["proposed"]
+    assert first == 2, f"one tick proposed {first} of {len(agreement_ids)} due, its batch 2"
+    assert tick(capture)["proposed"] == 2
+    statuses = {funded.agreement(agreement_id)["status"] for agreement_id in agreement_ids}
+    assert statuses == {"in_challenge"}
+
+    chain.increase_time(3601)
+    assert tick(capture)["finalizing"] == 2
+    assert tick(capture)["finalizing"] == 2
+    assert {funded.agreement(agreement_id)["status"] for agreement_id in agreement_ids} == {"settled"}
+    assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
