@@ -10,7 +10,7 @@ from marketplace import chainconfig, dashboard, health, metrics, money
 
 # How the dashboard names a proposal the ticks gave up on (`selectors.proposals_given_up`).
 _PROPOSAL_KINDS = {TxPurpose.PROPOSE_SETTLEMENT: "settlement proposal",
-                   TxPurpose.MASUMI_REFUND_PROPOSAL: "masumi refund proposal"}
+                   TxPurpose.MASUMI_REFUND_PROPOSAL: "masumi refund proposal", TxPurpose.RESOLVE: "dispute resolution"}
 
 def _chain_answers(timeout: float) -> None:
     chain.latest_block_number()  # bounded by CHAIN_RPC_TIMEOUT; /readyz stops waiting after its own timeout

@@ -535,6 +535,13 @@ def _base_url(purchase: MasumiPurchase) -> str:
 
 
 def _record_error(purchase_id, error: Exception) -> None:
+    """Kept as the purchase's last error, which its NextAction shows as the seller's (`SellerServiceError`). Not the
+    node not answering a step of ours (503 `chain_unavailable`: the next tick does it again): kept, it was shown to the
+    buyer as the seller's failure, for good once the purchase was disputed (no call to the seller clears it)."""
+    if isinstance(error, ApplicationError) and error.code == chain.unavailable().code:
+        logger.warning("masumi purchase's step not done: the chain RPC is unavailable; the next tick tries again",
+                       extra={"purchase_id": str(purchase_id)})
+        return
     MasumiPurchase.objects.filter(pk=purchase_id).update(last_error=f"{type(error).__name__}: {error}"[:500],
                                                          updated_at=timezone.now())
 
@@ -833,7 +840,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
             _dispute_date(purchase)
     for purchase in disputed_results.exclude(_DISPUTED_IN_TIME).filter(disputed_at__isnull=False).select_related(
             "agreement"):
-        if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
+        if not _release_due(purchase):
             continue
         with alone(purchase.agreement_id):
             try:
@@ -846,7 +853,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     for purchase in MasumiPurchase.objects.filter(
             Q(_DISPUTED_IN_TIME, external_dispute_unlock_time__lte=now_dt) | Q(result_hash=""),
             agreement__status=S.DISPUTED).select_related("agreement"):
-        if selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE):
+        if not _release_due(purchase):
             continue
         with alone(purchase.agreement_id):
             try:
@@ -857,6 +864,13 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
                     _record_error(purchase.pk, error)
     failures.raise_if_any(applied=sum(done.values()))
     return done
+
+
+def _release_due(purchase: MasumiPurchase) -> bool:
+    """A dispute's release (the arbiter's resolve) is queued unless one is under way, or those the chain refused back
+    off or wait for an operator (`settlement.resolution_due`)."""
+    return (not selectors.live_transaction(agreement_id=purchase.agreement_id, purpose=TxPurpose.RESOLVE)
+            and settlement.resolution_due(agreement_id=purchase.agreement_id))
 
 
 def _dispute_date(purchase: MasumiPurchase) -> None:
@@ -928,6 +942,10 @@ def purchase_onchain_state(purchase: MasumiPurchase) -> str | None:
     return None
 
 
+# NextAction's errorType of a disputed purchase whose release the ticks stopped trying (`settlement.resolution_due`).
+DISPUTE_RELEASE_FAILED = "DisputeReleaseFailed"
+
+
 def purchase_next_action(purchase: MasumiPurchase) -> dict:
     agreement = purchase.agreement
     action, error_type, note = "None", None, None
@@ -939,6 +957,11 @@ def purchase_next_action(purchase: MasumiPurchase) -> dict:
         action = "FundsLockingInitiated"
     elif agreement.status == S.DISPUTED:
         action = "WaitingForExternalAction"
+        given_up = settlement.resolution_given_up(agreement_id=agreement.pk)
+        if given_up is not None:
+            error_type, note = DISPUTE_RELEASE_FAILED, (
+                f"The dispute's resolution failed {settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS} times "
+                f"({given_up.failure_reason or 'no reason recorded'}); an operator retries it.")
     elif agreement.status == S.SETTLING:
         action = "WithdrawInitiated"
     elif purchase.refund_requested_at is not None and agreement.status in (S.ACTIVE, S.IN_CHALLENGE):

@@ -136,7 +136,8 @@ def cancelled_may_still_run(*, agreement_id, purpose: str) -> bool:
 
 # The proposals a failure of which waits the proposal backoff, and the agreement status in which each is sent.
 _PROPOSALS_BACKED_OFF = {TxPurpose.PROPOSE_SETTLEMENT: AgreementStatus.ACTIVE,
-                         TxPurpose.MASUMI_REFUND_PROPOSAL: AgreementStatus.IN_CHALLENGE}
+                         TxPurpose.MASUMI_REFUND_PROPOSAL: AgreementStatus.IN_CHALLENGE,
+                         TxPurpose.RESOLVE: AgreementStatus.DISPUTED}  # the purchases tick's releases
 # What else must hold for one given up to be worth an operator's retry: a zero refund proposal carries out a refund
 # request the buyer may withdraw since (`masumi_refund_requested`), and then its retry is refused.
 _PROPOSALS_STILL_WANTED = {

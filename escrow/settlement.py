@@ -258,6 +258,21 @@ def _proposal_due(failures: list[ChainTransaction]) -> bool:
     return timezone.now() >= attempts[0].updated_at + timedelta(seconds=backoff)
 
 
+def resolution_due(*, agreement_id) -> bool:
+    """Whether the platform's own decision of a dispute (a Masumi purchase's release, `purchases.purchases_tick`) may
+    be queued: its failed resolves back off and stop as proposals do (`_proposal_due`), then wait for an operator's
+    retry (the dashboard lists them). Queued again at every tick, one the chain refused every time (the relayer
+    without the arbiter role) failed for ever, unseen."""
+    return _proposal_due(selectors.proposal_failures(agreement_id=agreement_id, purpose=TxPurpose.RESOLVE))
+
+
+def resolution_given_up(*, agreement_id) -> ChainTransaction | None:
+    """The latest of the failed resolves after which `resolution_due` waits for an operator; None while it does not."""
+    attempts = selectors.proposal_attempts(selectors.proposal_failures(agreement_id=agreement_id,
+                                                                       purpose=TxPurpose.RESOLVE))
+    return attempts[0] if len(attempts) >= settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS else None
+
+
 def _proposal_evidence(tx: ChainTransaction) -> dict:
     if tx.status != TxStatus.CONFIRMED:
         # The seller (or anyone with the operator role) may propose too: ours failed (StaleReceipt, InvalidState)

@@ -25,6 +25,7 @@ from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, codes_at, error_code
 from tests.escrow.conftest import Escrows, escrow_terms
 from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, pay_fees, sign_activation, usdc_balance
+from tests.escrow.test_relayer_faults import rpc_relay  # noqa: F401
 from tests.support.http_server import RecordingServer
 from tests.support.masumi_service import MasumiService, result_for
 
@@ -1800,3 +1801,58 @@ def test_a_sellers_job_status_is_shown_to_the_buyer_with_its_invisible_character
     job_status = purchase.get()["jobStatus"]
     assert shown_text.unsafe_characters(job_status) == [], job_status
     assert job_status == "running\\u202e\\x1b[2Jdone"
+
+
+def test_a_dispute_release_the_chain_keeps_refusing_backs_off_stops_and_is_shown_to_the_operator(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, settings, admin_client):
+    """A dispute unresolved by externalDisputeUnlockTime is released to the buyer by the purchases tick (the arbiter's
+    resolve). Refused by the chain every time (here: the relayer lost the arbiter role), a new resolve was queued at
+    every tick for ever, each failing, and nothing told the buyer or the operator why. It backs off as a settlement
+    proposal does (SETTLEMENT_PROPOSE_*), then waits for an operator: on the dashboard, and in the purchase's
+    NextAction as a machine-readable `DisputeReleaseFailed`."""
+    from tests.escrow.flow import mined_what_was_sent
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS = 3
+    settings.SETTLEMENT_PROPOSE_BACKOFF_SECONDS = 0
+    purchase = Purchase(chain, capture, seller_service)
+    dispute(purchase)
+    escrow, accounts = chain.escrow, chain.accounts
+    escrow.functions.grantRole(escrow.functions.DEFAULT_ADMIN_ROLE().call(), accounts.spare.address).transact(
+        {"from": accounts.deployer.address})
+    escrow.functions.revokeRole(escrow.functions.ARBITER_ROLE().call(), accounts.deployer.address).transact(
+        {"from": accounts.spare.address})
+    mined_what_was_sent()
+    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now())
+    resolves = ChainTransaction.objects.filter(agreement_id=purchase.created["agreementId"],
+                                               purpose=TxPurpose.RESOLVE)
+
+    for _ in range(6):
+        purchase.tick()
+    assert resolves.count() == 3, f"{resolves.count()} resolves queued in 6 ticks, each refused"
+    assert not resolves.exclude(status="failed").exists()
+    shown = purchase.get()
+    assert shown["onChainState"] == "Disputed"
+    assert shown["NextAction"]["errorType"] == "DisputeReleaseFailed", shown["NextAction"]
+    [given_up] = [item for item in admin_client.get("/admin/dashboard/").context["overdue"]
+                  if item.subject == purchase.created["agreementId"] and "resolution" in item.kind]
+    assert given_up.kind == "dispute resolution failed 3 times, not retried"
+
+
+def test_a_node_failing_under_a_dispute_release_is_not_shown_as_the_sellers_failure(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, rpc_relay):  # noqa: F811
+    """The node not answering the purchases tick's release of a dispute (503 `chain_unavailable`) was kept as the
+    purchase's last error: its NextAction said `SellerServiceError` with the raw "DependencyUnavailable: ..." for
+    good (a disputed purchase's seller is called no more, which would have cleared it). The next tick releases it."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain, capture, seller_service)
+    dispute(purchase)
+    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now())
+    rpc_relay.throttle(lambda call: call.get("method") == "eth_call")
+    assert run(capture, purchases.purchases_tick)["released"] == 0
+    rpc_relay.throttle(lambda call: False)
+    shown = purchase.get()["NextAction"]
+    assert shown["errorType"] is None, shown
+
+    assert run(capture, purchases.purchases_tick)["released"] == 1
+    assert purchase.get()["NextAction"]["errorType"] is None
