@@ -1362,3 +1362,27 @@ def test_a_settlement_tick_takes_a_bounded_batch_oldest_first_and_the_next_tick_
     assert tick(capture)["finalizing"] == 2
     assert {funded.agreement(agreement_id)["status"] for agreement_id in agreement_ids} == {"settled"}
     assert tick(capture) == {"expired": 0, "proposed": 0, "finalizing": 0, "reclaiming": 0}
+
+
+def test_an_agreement_that_stays_due_holds_back_none_after_it_in_the_ticks_batches(
+        spare_admin, funded, escrow_chain, django_capture_on_commit_callbacks, settings):
+    """A proposal the ticks gave up on (it waits for an operator's retry) stays due, first by its age, at every tick:
+    a batch of the oldest alone would have been it at every tick, and the agreements after it never proposed."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    other = funded.accepted_agreement(quantity=100)
+    funded.activate(other["id"], capture)
+    settings.SETTLEMENT_PROPOSE_MAX_ATTEMPTS = 1
+    settings.SETTLEMENT_TICK_BATCH = 1
+    call_n(funded, 1)
+    assert funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/complete").status_code == 200
+    set_relayer_operator(chain, spare_admin, allowed=False)
+    assert tick(capture)["proposed"] == 1
+    assert list(proposals(funded.agreement_id).values_list("status", flat=True)) == [TxStatus.FAILED]
+    set_relayer_operator(chain, spare_admin, allowed=True)
+    assert funded.buyer_api.get(f"/metered-proxy/{other['id']}/work").status_code == 200
+    assert funded.buyer_api.post(f"/usage-agreements/{other['id']}/complete").status_code == 200
+
+    for _ in range(2):
+        tick(capture)
+    assert funded.agreement(other["id"])["status"] == "in_challenge"
+    assert funded.agreement(funded.agreement_id)["status"] == "active"  # still waiting for its operator
