@@ -8,18 +8,15 @@ import pytest
 from catalog.models import Service
 from escrow.models import MasumiPaymentRequest, MasumiPurchase
 from tests.conftest import error_code
-from tests.escrow.flow import USDC, Parties, deadline_clock
+from tests.escrow import test_masumi_node
+from tests.escrow.flow import deadline_clock
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
-PRICE = 5 * USDC
+PRICE = test_masumi_node.PRICE
 
 
-@pytest.fixture
-def parties(escrow_chain):
-    return Parties(escrow_chain, upstream_base_url="http://127.0.0.1:9", upstream_protocol="masumi",
-                   masumi_protocol_version="2", skills=[],
-                   pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE, "token": "USDC"})
+parties = test_masumi_node.parties  # a Masumi seller's service at PRICE
 
 
 def arabic_indic(text: str) -> str:
