@@ -188,6 +188,18 @@ def _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch, *, 
     return market, payment
 
 
+def _called_on_a_shallow_copy(escrow_chain, http_server, monkeypatch, settings, capture, *, forks=None):
+    """A skill call at a confirmation depth of 5 whose authorization a stranger's copy used first, one block deep:
+    answered 202, not run on the copy. Returns its payment, left queued until the copy is deep."""
+    settings.CHAIN_CONFIRMATIONS = 5
+    market, payment = _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch, forks=forks)
+    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
+    with capture(execute=True):
+        response = market.call("translate", payment)
+    assert response.status_code == 202, response.content
+    return ChainTransaction.objects.get(purpose="invocation_payment")
+
+
 def test_an_invocation_payment_front_run_is_not_kept_by_the_treasury_unaccounted(
         escrow_chain, http_server, monkeypatch, django_capture_on_commit_callbacks):
     """Anyone who sees the relayer's pending transferWithAuthorization (buyer -> treasury) can submit a copy
@@ -211,14 +223,8 @@ def test_an_invocation_paid_by_a_copy_of_its_authorization_runs_only_once_the_co
     """Our payment waits for CHAIN_CONFIRMATIONS before the seller is called. A copy of the authorization mined first
     (the buyer's own, or anyone's) had the relayer's payment refused at its simulation and concluded at once on the
     copy, one block deep: the seller was called on a payment a shallow reorg could take."""
-    settings.CHAIN_CONFIRMATIONS = 5
     capture = django_capture_on_commit_callbacks
-    market, payment = _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch)
-    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
-    with capture(execute=True):
-        response = market.call("translate", payment)
-    assert response.status_code == 202, response.content  # not run on a copy one block deep
-    payment_tx = ChainTransaction.objects.get(purpose="invocation_payment")
+    payment_tx = _called_on_a_shallow_copy(escrow_chain, http_server, monkeypatch, settings, capture)
     assert payment_tx.status == "queued"
     escrow_chain.mine(4)
     with capture(execute=True):  # the sweep sends it again: concluded on the copy, now 5 deep
@@ -237,14 +243,8 @@ def test_an_invocation_paid_by_a_copy_only_a_stale_backend_holds_does_not_run_on
     is concluded on the copy once blocks on top of it make it deep."""
     from tests.support.rpc_relay import RpcRelay
 
-    settings.CHAIN_CONFIRMATIONS = 5
     capture = django_capture_on_commit_callbacks
-    market, payment = _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch)
-    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
-    with capture(execute=True):
-        response = market.call("translate", payment)
-    assert response.status_code == 202, response.content
-    payment_tx = ChainTransaction.objects.get(purpose="invocation_payment")
+    payment_tx = _called_on_a_shallow_copy(escrow_chain, http_server, monkeypatch, settings, capture)
     relay = RpcRelay(escrow_chain.node.rpc_url).start()
     node, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
     relay.head_named_ahead(4)
@@ -269,15 +269,9 @@ def test_an_invocation_waiting_on_a_shallow_copy_a_reorg_takes_is_paid_by_our_ow
         escrow_chain, http_server, monkeypatch, settings, django_capture_on_commit_callbacks):
     """The payment waiting for a copy of its authorization to be deep enough (above) is sent itself once a reorg took
     the copy's block: nothing was concluded on the copy, and the seller is called on our payment at the depth."""
-    settings.CHAIN_CONFIRMATIONS = 5
     capture = django_capture_on_commit_callbacks
     forks = []
-    market, payment = _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch, forks=forks)
-    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
-    with capture(execute=True):
-        response = market.call("translate", payment)
-    assert response.status_code == 202, response.content
-    payment_tx = ChainTransaction.objects.get(purpose="invocation_payment")
+    payment_tx = _called_on_a_shallow_copy(escrow_chain, http_server, monkeypatch, settings, capture, forks=forks)
     escrow_chain.reorg(forks[0])  # the copy's block is gone
     with capture(execute=True):  # the sweep sends it again: the authorization is unused, ours goes out
         relayer.transaction_submit(transaction_id=payment_tx.pk)
@@ -684,14 +678,8 @@ def test_an_invocation_waiting_on_a_copy_of_its_authorization_is_concluded_by_th
     sweep of queued transactions (every CHAIN_SWEEP_AFTER, 30 s), so a call paid by a copy answered up to a sweep
     after the copy was deep enough. The confirmation poll (every few seconds) sends it again once the copy's block is
     at the confirmation depth."""
-    settings.CHAIN_CONFIRMATIONS = 5
     capture = django_capture_on_commit_callbacks
-    market, payment = _skill_payment_a_stranger_copies(escrow_chain, http_server, monkeypatch)
-    settings.INVOCATION_PAYMENT_WAIT_SECONDS = 0.5
-    with capture(execute=True):
-        response = market.call("translate", payment)
-    assert response.status_code == 202, response.content
-    payment_tx = ChainTransaction.objects.get(purpose="invocation_payment")
+    payment_tx = _called_on_a_shallow_copy(escrow_chain, http_server, monkeypatch, settings, capture)
     confirm_all(capture)  # the copy is 1 deep: it waits
     payment_tx.refresh_from_db()
     assert payment_tx.status == "queued"

@@ -36,6 +36,17 @@ def _refused(response, before: tuple[int, int]) -> None:
     assert (MasumiPurchase.objects.count(), MasumiPaymentRequest.objects.count()) == before
 
 
+def _each_refused(api, path: str, base: dict, hostile: dict) -> None:
+    """POST `base` with each hostile value of each field in turn: every one refused, nothing written."""
+    before = (MasumiPurchase.objects.count(), MasumiPaymentRequest.objects.count())
+    for field, values in hostile.items():
+        for value in values:
+            try:
+                _refused(api.post(path, {**base, field: value}), before)
+            except AssertionError as error:
+                raise AssertionError(f"{field}={value!r:.80}: {error}") from None
+
+
 def test_hostile_purchase_fields_are_400_and_nothing_is_written(parties, escrow_chain):
     now_ms = deadline_clock(escrow_chain) * 1000
     service_id = str(parties.service.pk)
@@ -53,14 +64,7 @@ def test_hostile_purchase_fields_are_400_and_nothing_is_written(parties, escrow_
         **{timer: _timer_values(now_ms) for timer in ("payByTime", "submitResultTime", "unlockTime",
                                                       "externalDisputeUnlockTime")},
     }
-    before = (MasumiPurchase.objects.count(), MasumiPaymentRequest.objects.count())
-    for field, values in hostile.items():
-        for value in values:
-            response = parties.buyer_api.post("/purchase", {**base, field: value})
-            try:
-                _refused(response, before)
-            except AssertionError as error:
-                raise AssertionError(f"{field}={value!r:.80}: {error}") from None
+    _each_refused(parties.buyer_api, "/purchase", base, hostile)
 
 
 def test_hostile_payment_request_fields_are_400_and_nothing_is_written(parties, escrow_chain):
@@ -74,14 +78,7 @@ def test_hostile_payment_request_fields_are_400_and_nothing_is_written(parties, 
                            [{"amount": f" {PRICE}", "unit": "USDC"}]],
         **{timer: _timer_values(now_ms) for timer in ("payByTime", "submitResultTime")},
     }
-    before = (MasumiPurchase.objects.count(), MasumiPaymentRequest.objects.count())
-    for field, values in hostile.items():
-        for value in values:
-            response = parties.seller_api.post("/payment", {**base, field: value})
-            try:
-                _refused(response, before)
-            except AssertionError as error:
-                raise AssertionError(f"{field}={value!r:.80}: {error}") from None
+    _each_refused(parties.seller_api, "/payment", base, hostile)
 
 
 def test_hostile_blockchain_identifiers_and_wallets_are_400(parties):
