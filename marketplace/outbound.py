@@ -386,6 +386,18 @@ class _FinalAnswerHTTP11(httpcore.HTTP11Connection):
             self._informational = 0
         return event
 
+    def _response_closed(self) -> None:
+        """Kept alive only when nothing came past the answer's end: bytes read after it (a second answer, a body
+        longer than its Content-Length, sent in the same write) were kept by h11 and read as the answer to the next
+        request down the connection, another buyer's skill call or another subscriber's delivery (bytes arriving
+        after this, while the connection is idle, make the pool close it: httpcore's `has_expired`)."""
+        with self._state_lock:
+            past_the_end = self._h11_state.their_state is h11.DONE and self._h11_state.trailing_data[0]
+        if past_the_end:
+            self.close()
+            return
+        super()._response_closed()
+
 
 class _GuardedHTTPConnection(httpcore.HTTPConnection):
     """httpcore's connection, speaking HTTP/1.1 through `_FinalAnswerHTTP11` (a guarded client never asks for

@@ -33,7 +33,7 @@ from tests.chain_fixtures import TOKEN_NAMES
 from tests.agreements.helpers import proposal, propose
 from tests.catalog.factories import AgentFactory, issue_key, register_service
 from tests.conftest import Api, codes_at, error_code
-from tests.support.http_server import DribblesItsHead, FloodsEarlyHints, serving
+from tests.support.http_server import DribblesItsHead, FloodsEarlyHints, answering_past_its_end, serving
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 from tests.support.at_once import answered_at_once
 from tests.support.rpc_relay import node_behind
@@ -420,6 +420,39 @@ def test_a_seller_flooding_informational_answers_fails_the_invocation_at_once_an
     assert market.balances() == before
     invocation = market.caller.get(f"/services/{response.json()['error']['details']['invocation_id']}").json()
     assert invocation["status"] == "failed" and invocation["payment"]["status"] == "refunded", invocation
+
+
+PAST_THE_ANSWERS_END = {
+    "a_second_answer": b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 28\r\n\r\n'
+                       b'{"for": "no request of his"}',
+    "bytes_past_its_content_length": b"garbage\r\n",
+}
+
+
+@pytest.mark.parametrize("tail", PAST_THE_ANSWERS_END.values(), ids=PAST_THE_ANSWERS_END)
+def test_what_a_seller_sends_past_its_answer_is_never_the_next_buyers_answer(
+        market, tail, django_capture_on_commit_callbacks):
+    """The skills' client keeps connections alive across invocations (any buyer's): a seller whose answer came with
+    more after it (a second answer, a body longer than its Content-Length) in the same write had that read as the
+    answer to the next invocation sent down the connection, another buyer's: given a result that was not the answer
+    to its call and charged for it, or failed and counted against it, and every later buyer given the answer to the
+    call before its own."""
+    _funded(market, market.chain.accounts.buyer2)
+    results = []
+    with serving(answering_past_its_end(tail)) as url:
+        Service.objects.filter(pk=market.service.pk).update(upstream_base_url=f"{url}/api")
+        for buyer in (market.chain.accounts.buyer, market.chain.accounts.buyer2):
+            _paying_from(market, buyer)
+            payment = market.pay("translate")
+            with django_capture_on_commit_callbacks(execute=True):
+                response = market.call("translate", payment)
+            results.append((response.status_code, response.json().get("result")))
+            if response.status_code == 200:
+                results[-1] += (response.json()["invocation_id"],)
+
+    [(status_a, result_a, id_a), (status_b, result_b, *id_b)] = results
+    assert (status_a, result_a) == (200, {"for": id_a})
+    assert (status_b, result_b) == (200, {"for": id_b[0] if id_b else None}), results
 
 
 HOSTILE_ANSWERS = {  # a seller's answer to a paid call: none may leave it paid but unrefunded, or crash the run

@@ -124,3 +124,29 @@ class FloodsEarlyHints(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def answering_past_its_end(tail: bytes) -> type[BaseHTTPRequestHandler]:
+    """A hostile or broken seller or receiver keeping its connections alive: answers each request 200 with
+    `{"for": <its X-Marketplace-Invocation>}`, the first on each connection followed, in the same write, by `tail`
+    (another answer, or bytes past its Content-Length): whatever reads them takes them for the answer to the next
+    request sent down that connection."""
+
+    class AnswersPastItsEnd(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        answered = 0
+
+        def _handle(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"for": self.headers.get("X-Marketplace-Invocation", "")}).encode()
+            answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+                len(body), body)
+            self.answered += 1
+            self.wfile.write(answer + (tail if self.answered == 1 else b""))
+
+        do_GET = do_POST = _handle
+
+        def log_message(self, *args):
+            pass
+
+    return AnswersPastItsEnd
