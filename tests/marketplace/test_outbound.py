@@ -556,6 +556,34 @@ def test_a_masumi_seller_dribbling_its_answer_is_unavailable_within_the_service_
     assert elapsed < 1.5, f"the check took {elapsed:.1f} s with MASUMI_SERVICE_TIMEOUT=0.5"
 
 
+class _StatusThenAnother(BaseHTTPRequestHandler):
+    """A Masumi seller keeping its connection alive whose first answer to `/status` comes with a second one, in the
+    same write: the result of no job asked about."""
+
+    protocol_version = "HTTP/1.1"
+    answered = 0
+
+    def do_GET(self):
+        job_id = self.path.partition("job_id=")[2]
+        answers = [{"status": "completed", "result": f"the result of {job_id}"}]
+        self.answered += 1
+        if self.answered == 1:
+            answers.append({"status": "completed", "result": "the result of no job asked about"})
+        self.wfile.write(b"".join(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                  % (len(body), body) for body in (json.dumps(answer).encode() for answer in answers)))
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_masumi_sellers_answer_past_its_end_is_not_the_status_of_the_next_job_asked_about():
+    """The Masumi client keeps connections alive across purchases (any buyer's): a second answer sent with the first
+    was read as the status of the next job asked about down the connection, its result another buyer's."""
+    with serving(_StatusThenAnother) as url:
+        statuses = [masumi_agentic_client.job_status(base_url=url, job_id=job_id) for job_id in ("job-a", "job-b")]
+    assert [status.result for status in statuses] == ["the result of job-a", "the result of job-b"]
+
+
 @pytest.mark.parametrize("guard", ["on", "off"])
 def test_a_webhook_whose_name_never_resolves_fails_within_the_webhook_timeout(
         settings, seller, seller_api, buyer_api, django_capture_on_commit_callbacks, guard):
