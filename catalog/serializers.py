@@ -38,7 +38,8 @@ from marketplace.tags import tag_normalise
 class WalletProofSerializer(StrictSerializer):
     signature = serializers.RegexField(r"\A0x[0-9a-fA-F]{130}\Z", help_text=(
         "The wallet's EIP-712 signature (65 bytes, 0x-hex) of `WalletProof {handle, wallet, ownerId, expiresAt}` in "
-        "the domain `{name, version: \"1\", chainId}` (the Python SDK's `sign_wallet_proof`); a request without "
+        "the domain `{name, version: \"2\", chainId, verifyingContract: <this deployment's escrow contract>}` (the "
+        "Python SDK's `sign_wallet_proof`; another deployment's proof is 400 `wallet_proof_mismatch`); a request without "
         "`wallet_proof` is 400 `wallet_proof_required` whose `details.typed_data` is the message to sign."))
     expires_at = StrictIntegerField(min_value=0, help_text="`expiresAt` as signed: unix seconds, at most a day away.")
 

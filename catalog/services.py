@@ -26,7 +26,8 @@ from catalog.models import (
     UpstreamProtocol,
     new_proxy_secret,
 )
-from marketplace import masumi_agentic_client, money, outbound, outbound_slots, rotation, shown_text, sweeps
+from marketplace import (chainconfig, masumi_agentic_client, money, outbound, outbound_slots, rotation, shown_text,
+                         sweeps)
 from marketplace.errors import Conflict, Forbidden, InvalidInput
 from marketplace.fields import checksum_address
 from marketplace.keys import issue_secret
@@ -71,6 +72,8 @@ class IssuedCredential:
 WALLET_PROOF_MAX_VALIDITY = timedelta(days=1)
 # The proof a 400 `wallet_proof_required` asks for is good this long.
 WALLET_PROOF_OFFERED_VALIDITY = timedelta(minutes=10)
+# The proof's verifying contract where no escrow contract is configured (a dev set-up without its chain).
+ZERO_ADDRESS = "0x" + "00" * 20
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,19 @@ class WalletProof:
     expires_at: int
 
 
+def wallet_proof_verifying_contract() -> str:
+    """The `verifyingContract` of this deployment's wallet proofs: its escrow contract, which names it on-chain (the
+    zero address where none is configured)."""
+    return chainconfig.escrow_address() or ZERO_ADDRESS
+
+
 def wallet_proof_typed_data(*, owner: AbstractBaseUser, handle: str, wallet_address: str, expires_at: int) -> dict:
-    """What a wallet signs to be the agent `handle`'s of `owner` on this chain (sdk.typed_data.wallet_proof)."""
-    return wallet_proof(chain_id=settings.CHAIN_ID, handle=handle, wallet=wallet_address, owner_id=owner.pk,
-                        expires_at=expires_at, domain_name=settings.WALLET_PROOF_DOMAIN_NAME)
+    """What a wallet signs to be the agent `handle`'s of `owner` at this deployment (sdk.typed_data.wallet_proof):
+    its domain names this deployment's escrow contract (the zero address where none is configured) on this chain, and
+    `WALLET_PROOF_DOMAIN_NAME`, so that no proof made for another marketplace on the chain serves here."""
+    return wallet_proof(chain_id=settings.CHAIN_ID, escrow_address=wallet_proof_verifying_contract(),
+                        handle=handle, wallet=wallet_address, owner_id=owner.pk, expires_at=expires_at,
+                        domain_name=settings.WALLET_PROOF_DOMAIN_NAME)
 
 
 def _wallet_proof_check(*, owner: AbstractBaseUser, handle: str, wallet_address: str,

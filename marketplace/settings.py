@@ -383,8 +383,9 @@ API_KEYS_PER_AGENT = env.int("API_KEYS_PER_AGENT", default=25)
 OWNER_TOKENS_PER_OWNER = env.int("OWNER_TOKENS_PER_OWNER", default=25)
 # Agents an owner may create (handles are one namespace for every tenant).
 AGENTS_PER_OWNER = env.int("AGENTS_PER_OWNER", default=50)
-# The EIP-712 domain name of the proof that a wallet is an agent's (catalog.services.wallet_proof_typed_data): a
-# deployment sharing a chain with another names itself, so no proof made for one serves the other.
+# The EIP-712 domain name of the proof that a wallet is an agent's (catalog.services.wallet_proof_typed_data), whose
+# verifyingContract is the escrow contract: deployments sharing a chain and an escrow contract (or, dev set-ups, none)
+# name themselves apart, so no proof made for one serves the other.
 WALLET_PROOF_DOMAIN_NAME = env.str("WALLET_PROOF_DOMAIN_NAME", default="Agent escrow marketplace")
 # A service's free-form `capabilities` and `metadata`, each at most this many bytes of JSON (shown in every search
 # result).

@@ -14,6 +14,7 @@ Domains:
 - A token: ``{name, version, chainId, verifyingContract: <token>}``. The defaults are Base mainnet USDC's
   (``"USD Coin"``, ``"2"``, also MockUSDC's); the SDK's signing paths always pass the domain read from the token
   or pinned in ``sdk.networks`` (Base Sepolia's USDC is named ``"USDC"``).
+- WalletProof: ``{name: <the marketplace's>, version: "2", chainId, verifyingContract: <its escrow>}``.
 
 Example::
 
@@ -69,7 +70,7 @@ ESCROW_DOMAIN_VERSION = "1"
 USDC_DOMAIN_NAME = "USD Coin"
 USDC_DOMAIN_VERSION = "2"
 WALLET_PROOF_DOMAIN_NAME = "Agent escrow marketplace"
-WALLET_PROOF_DOMAIN_VERSION = "1"
+WALLET_PROOF_DOMAIN_VERSION = "2"
 
 _DOMAIN_TYPE = [
     {"name": "name", "type": "string"},
@@ -416,24 +417,22 @@ def cancel_authorization(
     return _full("CancelAuthorization", CANCEL_AUTHORIZATION_TYPE, domain, message)
 
 
-def wallet_proof(*, chain_id: int, handle: str, wallet: str, owner_id: int, expires_at: int,
+def wallet_proof(*, chain_id: int, escrow_address: str, handle: str, wallet: str, owner_id: int, expires_at: int,
                  domain_name: str = WALLET_PROOF_DOMAIN_NAME) -> dict[str, Any]:
-    """``WalletProof``: `wallet` is the wallet of the agent `handle` of owner `owner_id` on `chain_id`, until
-    `expires_at` (unix seconds). Signed by `wallet`, it is the ``wallet_proof.signature`` of ``POST /agents``; bound
-    to the handle, the owner and the chain, it proves nothing for another agent, owner or network, and none is
-    accepted for more than a day. The domain has no verifying contract (no contract checks it): its name is the
-    marketplace's (``WALLET_PROOF_DOMAIN_NAME`` unless the deployment names itself otherwise, as the typed data of
-    its 400 ``wallet_proof_required`` says)."""
+    """``WalletProof``: `wallet` is the wallet of the agent `handle` of owner `owner_id` at the marketplace deployment
+    whose escrow contract is `escrow_address` on `chain_id`, until `expires_at` (unix seconds). Signed by `wallet`, it
+    is the ``wallet_proof.signature`` of ``POST /agents``; bound to the handle, the owner and the deployment (its
+    escrow contract as ``verifyingContract``, its name: ``WALLET_PROOF_DOMAIN_NAME`` unless it names itself
+    otherwise, as the typed data of its 400 ``wallet_proof_required`` says), it proves nothing for another agent,
+    owner, deployment or network, and none is accepted for more than a day. No contract checks it: the escrow's
+    address names the deployment, as it does on-chain (a deployment with no escrow contract, a dev set-up, names the
+    zero address). Version "2": version "1" had no ``verifyingContract``, and a proof for one deployment served every
+    other on the chain."""
     message = {"handle": handle, "wallet": _address(wallet, "wallet"), "ownerId": _uint(owner_id, "owner_id"),
                "expiresAt": _uint(expires_at, "expires_at")}
-    domain = {"name": domain_name, "version": WALLET_PROOF_DOMAIN_VERSION, "chainId": _uint(chain_id, "chain_id")}
-    return {
-        "types": {"EIP712Domain": [dict(f) for f in _DOMAIN_TYPE if f["name"] != "verifyingContract"],
-                  "WalletProof": [dict(f) for f in WALLET_PROOF_TYPE]},
-        "primaryType": "WalletProof",
-        "domain": domain,
-        "message": message,
-    }
+    domain = {"name": domain_name, "version": WALLET_PROOF_DOMAIN_VERSION, "chainId": _uint(chain_id, "chain_id"),
+              "verifyingContract": _address(escrow_address, "escrow_address")}
+    return _full("WalletProof", WALLET_PROOF_TYPE, domain, message)
 
 
 # ------------------------------------------------------------------ signing helpers

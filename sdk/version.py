@@ -1,5 +1,11 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.19: sign_wallet_proof takes escrow_address= (the pinned NetworkConfig's) and signs the WalletProof in the domain
+# {name, version "2", chainId, verifyingContract: the deployment's escrow contract} (sdk.typed_data.wallet_proof
+# likewise): version "1" named no contract, and a proof a wallet gave one marketplace deployment was accepted by any
+# other on the chain (the same default name) for the same owner id and handle within the day; with offered= (the
+# typed data of the marketplace's 400 wallet_proof_required) it refuses a message other than the one it builds
+# (SigningRefused on "wallet_proof.<field>": another deployment's escrow, chain or name, another handle or owner);
 # 0.4.18: with rpc_url, cancel_payment_authorization(wait=True) raises PaymentAuthorizationUsed only once the buyer's
 # RPC shows the transaction the marketplace names emitting the token's AuthorizationUsed of the wallet and nonce
 # (ChainReader.authorization_used; else the wait goes on to its TimeoutError): any payment_tx_hash it named had the
@@ -131,4 +137,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.18"
+VERSION = "0.4.19"

@@ -33,14 +33,15 @@ class AgentFactory(factory.django.DjangoModelFactory):
 
 def signed_wallet_proof(account, *, handle: str, owner, expires_at: int | None = None,
                         chain_id: int | None = None) -> dict:
-    """The `wallet_proof` of POST /agents: `account` signs that it is the wallet of `handle` of `owner` (the SDK's
-    `sign_wallet_proof`)."""
+    """The `wallet_proof` of POST /agents: `account` signs that it is the wallet of `handle` of `owner` at this
+    deployment (its chain, `chain_id` else, and escrow contract; the SDK's `sign_wallet_proof`)."""
     from django.conf import settings
 
     from sdk import sign_wallet_proof
 
-    return sign_wallet_proof("0x" + bytes(account.key).hex(), chain_id=chain_id or settings.CHAIN_ID, handle=handle,
-                             owner_id=owner.pk, domain_name=settings.WALLET_PROOF_DOMAIN_NAME,
+    return sign_wallet_proof("0x" + bytes(account.key).hex(), chain_id=chain_id or settings.CHAIN_ID,
+                             escrow_address=services.wallet_proof_verifying_contract(), handle=handle, owner_id=owner.pk,
+                             domain_name=settings.WALLET_PROOF_DOMAIN_NAME,
                              expires_at=expires_at if expires_at is not None else int(time.time()) + 600)
 
 

@@ -10,6 +10,7 @@ from django.conf import settings
 from eth_account import Account
 
 from catalog.models import Agent
+from catalog.services import wallet_proof_verifying_contract
 from sdk.typed_data import wallet_proof
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token, signed_wallet_proof
 from tests.catalog.test_agents_api import agents_created_at_once_by_two_owners
@@ -26,8 +27,9 @@ def signed_proof(account, *, handle: str, owner, wallet: str | None = None, expi
     if wallet is None and expires_at is None:
         return signed_wallet_proof(account, handle=handle, owner=owner, chain_id=chain_id)
     expires_at = int(time.time()) + 600 if expires_at is None else expires_at
-    typed = wallet_proof(chain_id=chain_id or settings.CHAIN_ID, handle=handle, wallet=wallet or account.address,
-                         owner_id=owner.pk, expires_at=expires_at, domain_name=settings.WALLET_PROOF_DOMAIN_NAME)
+    typed = wallet_proof(chain_id=chain_id or settings.CHAIN_ID, escrow_address=wallet_proof_verifying_contract(),
+                         handle=handle, wallet=wallet or account.address, owner_id=owner.pk, expires_at=expires_at,
+                         domain_name=settings.WALLET_PROOF_DOMAIN_NAME)
     return {"signature": "0x" + bytes(Account.sign_typed_data(account.key, full_message=typed).signature).hex(),
             "expires_at": expires_at}
 
@@ -258,3 +260,94 @@ def test_only_the_agents_owner_with_an_admin_token_proves_its_wallet(owner):
     assert its_key.status_code in (401, 403), its_key.content
     agent.refresh_from_db()
     assert agent.wallet_proven_at is None
+
+
+DEPLOYMENT_A_ESCROW = "0x" + "a1" * 20
+DEPLOYMENT_B_ESCROW = "0x" + "b2" * 20
+
+
+def signed_as_asked(api, path: str, body: dict, account) -> dict:
+    """`account`'s signature of the typed data the deployment's 400 `wallet_proof_required` hands out, as a wallet
+    signs what a dapp shows it (eth_signTypedData_v4)."""
+    asked = api.post(path, body)
+    assert asked.status_code == 400 and error_code(asked) == "wallet_proof_required", asked.content
+    typed = asked.json()["error"]["details"]["typed_data"]
+    return {"signature": "0x" + bytes(Account.sign_typed_data(account.key, full_message=typed).signature).hex(),
+            "expires_at": typed["message"]["expiresAt"]}
+
+
+@pytest.mark.parametrize("other_deployment", ["another_escrow", "another_name"])
+def test_a_proof_made_for_another_deployment_on_the_chain_is_refused(owner, owner_api, settings, other_deployment):
+    """Two marketplaces on one chain (staging beside production, a fork of this one): before, the domain was
+    `{name, version, chainId}` with the default name shared by every deployment, so the proof a wallet gave deployment
+    A (its 400 `wallet_proof_required`'s typed data, signed) was accepted by deployment B for the same owner id and
+    handle within the day: 201. Now the domain names the deployment's escrow contract (`verifyingContract`)."""
+    wallet = Account.create()
+    settings.USAGE_ESCROW_ADDRESS = DEPLOYMENT_A_ESCROW
+    proof = signed_as_asked(owner_api, "/agents", agent_body("my-seller", wallet.address), wallet)
+
+    if other_deployment == "another_escrow":
+        settings.USAGE_ESCROW_ADDRESS = DEPLOYMENT_B_ESCROW
+    else:  # the same contract, another marketplace's name
+        settings.WALLET_PROOF_DOMAIN_NAME = "Another marketplace"
+    refused = owner_api.post("/agents", agent_body("my-seller", wallet.address, proof))
+
+    assert refused.status_code == 400 and error_code(refused) == "wallet_proof_mismatch", refused.content
+    assert not Agent.objects.exists()
+
+
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def twin(signature: str, variant: str) -> str:
+    """Another encoding of the same signature: its v as 0/1 (what Python's recovery also reads), or its high-s twin
+    (s' = n - s, the other v), which recovers to the same signer."""
+    raw = bytes.fromhex(signature.removeprefix("0x"))
+    r, s, v = raw[:32], int.from_bytes(raw[32:64], "big"), raw[64]
+    if variant == "v_0_or_1":
+        return "0x" + (r + raw[32:64] + bytes([v - 27])).hex()
+    return "0x" + (r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])).hex()
+
+
+@pytest.mark.parametrize("variant", ["v_0_or_1", "high_s"])
+def test_another_encoding_of_the_wallets_signature_is_refused_as_the_contracts_refuse_it(owner, owner_api, variant):
+    """One signature, one encoding: the same proof in another (v 0/1, the malleable high-s twin) is 400
+    `invalid_signature` (marketplace.signatures.signer_require), and nothing is created."""
+    wallet = Account.create()
+    proof = signed_proof(wallet, handle="mine", owner=owner)
+    proof["signature"] = twin(proof["signature"], variant)
+
+    refused = owner_api.post("/agents", agent_body("mine", wallet.address, proof))
+
+    assert refused.status_code == 400 and error_code(refused) == "invalid_signature", refused.content
+    assert not Agent.objects.exists()
+
+
+@pytest.mark.parametrize("spelling", ["lower", "upper_hex"])
+def test_the_wallet_in_any_case_is_the_one_signed_for(owner, owner_api, spelling):
+    """The wallet is checksummed before the proof is checked: the proof of the wallet serves it however the body
+    spells it (all lowercase, or all-uppercase hex)."""
+    wallet = Account.create()
+    address = wallet.address.lower() if spelling == "lower" else "0x" + wallet.address[2:].upper()
+
+    created = owner_api.post("/agents", agent_body("mine", address, signed_proof(wallet, handle="mine", owner=owner)))
+
+    assert created.status_code == 201, created.content
+    assert created.json()["wallet_address"] == wallet.address
+
+
+@pytest.mark.parametrize("spelling", ["My-Seller", "my\u2010seller", "\uff4dy-seller", "my-se\u217cler", " my-seller"])
+def test_a_proof_serves_no_other_spelling_of_its_handle(owner, owner_api, spelling):
+    """Handles are ASCII lowercase letters, digits and hyphens, taken as sent (no case folding, no NFKC): another
+    spelling of a handle (capitals, a Unicode hyphen, fullwidth or Roman-numeral look-alikes) is 400, never read as
+    the handle a proof was signed for; surrounding blanks are trimmed, which names the same handle."""
+    wallet = Account.create()
+    proof = signed_proof(wallet, handle="my-seller", owner=owner)
+
+    answer = owner_api.post("/agents", agent_body(spelling, wallet.address, proof))
+
+    if spelling.strip() == "my-seller":
+        assert answer.status_code == 201 and answer.json()["handle"] == "my-seller", answer.content
+    else:
+        assert answer.status_code == 400 and error_code(answer) == "validation_error", answer.content
+        assert not Agent.objects.exists()

@@ -125,8 +125,10 @@ class Command(BaseCommand):
 
 def _wallet_proof(wallet: LocalAccount, *, handle: str, owner) -> services.WalletProof:
     """The wallet's proof that it is the demo agent `handle`'s, as an owner makes it (the SDK's)."""
-    proof = sign_wallet_proof(bytes(wallet.key), chain_id=settings.CHAIN_ID, handle=handle, owner_id=owner.pk,
-                              expires_at=int(time.time()) + 600, domain_name=settings.WALLET_PROOF_DOMAIN_NAME)
+    proof = sign_wallet_proof(bytes(wallet.key), chain_id=settings.CHAIN_ID,
+                              escrow_address=services.wallet_proof_verifying_contract(), handle=handle,
+                              owner_id=owner.pk, expires_at=int(time.time()) + 600,
+                              domain_name=settings.WALLET_PROOF_DOMAIN_NAME)
     return services.WalletProof(signature=str(proof["signature"]), expires_at=int(proof["expires_at"]))
 
 
