@@ -351,3 +351,27 @@ def test_a_proof_serves_no_other_spelling_of_its_handle(owner, owner_api, spelli
     else:
         assert answer.status_code == 400 and error_code(answer) == "validation_error", answer.content
         assert not Agent.objects.exists()
+
+
+def test_the_sdk_signs_what_the_deployment_it_pins_asks_and_refuses_another_deployments_message(
+        owner, owner_api, settings):
+    """The SDK given the 400's typed data (`offered=`) holds it to the pinned escrow contract: the marketplace it pins
+    gets its proof (201); a marketplace answering for another deployment (another escrow contract) gets nothing
+    signed (SigningRefused on its verifyingContract)."""
+    from sdk import SigningRefused, sign_wallet_proof
+
+    wallet = Account.create()
+    settings.USAGE_ESCROW_ADDRESS = DEPLOYMENT_B_ESCROW
+    asked = owner_api.post("/agents", agent_body("my-seller", wallet.address))
+    offered = asked.json()["error"]["details"]["typed_data"]
+
+    def signed(pinned_escrow: str) -> dict:
+        return sign_wallet_proof(bytes(wallet.key), chain_id=settings.CHAIN_ID, escrow_address=pinned_escrow,
+                                 handle="my-seller", owner_id=owner.pk, expires_at=offered["message"]["expiresAt"],
+                                 domain_name=settings.WALLET_PROOF_DOMAIN_NAME, offered=offered)
+
+    with pytest.raises(SigningRefused) as refusal:
+        signed(DEPLOYMENT_A_ESCROW)
+    assert refusal.value.field == "wallet_proof.domain.verifyingContract"
+    created = owner_api.post("/agents", agent_body("my-seller", wallet.address, signed(DEPLOYMENT_B_ESCROW)))
+    assert created.status_code == 201, created.content
