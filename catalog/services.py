@@ -7,6 +7,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.postgres.search import SearchVector
+from django.core import checks
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Exists, F, OuterRef, ProtectedError, Q
 from django.utils import timezone
@@ -33,7 +34,7 @@ from marketplace.fields import checksum_address
 from marketplace.keys import issue_secret
 from marketplace.signatures import signer_require
 from marketplace.tags import TAGS_PER_LISTING, tag_normalise
-from sdk.typed_data import wallet_proof
+from sdk.typed_data import WALLET_PROOF_DOMAIN_NAME, wallet_proof
 
 # Path segments that routes under /agents/ already use, so they cannot be handles or skill names.
 RESERVED_HANDLES = frozenset({"services", "me"})
@@ -87,6 +88,21 @@ def wallet_proof_verifying_contract() -> str:
     """The `verifyingContract` of this deployment's wallet proofs: its escrow contract, which names it on-chain (the
     zero address where none is configured)."""
     return chainconfig.escrow_address() or ZERO_ADDRESS
+
+
+def wallet_proof_domain_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """Django system check (W001): on a public chain, a deployment with no escrow contract (direct payments only)
+    keeping the default `WALLET_PROOF_DOMAIN_NAME` signs its wallet proofs in the domain every such deployment shares
+    (the zero address, the default name): a proof a wallet gave one would serve another for the same owner id and
+    handle within the day."""
+    if settings.CHAIN_ID == settings.DEV_CHAIN_ID or chainconfig.escrow_address() or (
+            settings.WALLET_PROOF_DOMAIN_NAME != WALLET_PROOF_DOMAIN_NAME):
+        return []
+    return [checks.Warning(
+        "Wallet proofs name no deployment: no escrow contract is configured (their verifyingContract is the zero "
+        "address) and WALLET_PROOF_DOMAIN_NAME is the default, so a proof given another such deployment on this "
+        "chain is accepted here.", hint="Set WALLET_PROOF_DOMAIN_NAME to this deployment's own name.", obj=__name__,
+        id="catalog.W001")]
 
 
 def wallet_proof_typed_data(*, owner: AbstractBaseUser, handle: str, wallet_address: str, expires_at: int) -> dict:

@@ -375,3 +375,24 @@ def test_the_sdk_signs_what_the_deployment_it_pins_asks_and_refuses_another_depl
     assert refusal.value.field == "wallet_proof.domain.verifyingContract"
     created = owner_api.post("/agents", agent_body("my-seller", wallet.address, signed(DEPLOYMENT_B_ESCROW)))
     assert created.status_code == 201, created.content
+
+
+@pytest.mark.parametrize("configured", ["nothing", "an_escrow", "a_name", "the_dev_chain"])
+def test_a_public_chain_deployment_whose_proofs_name_no_deployment_is_warned(settings, tmp_path, configured):
+    """A deployment on a public chain with no escrow contract (direct payments only) and the default domain name
+    signs its proofs in the domain every such deployment shares: a proof given one serves the others. Django's checks
+    say so (catalog.W001); an escrow contract or a name of its own binds them, and a dev chain is not warned about."""
+    from django.core import checks
+
+    settings.CHAIN_ID, settings.USAGE_ESCROW_ADDRESS = 8453, ""
+    settings.CHAIN_DEPLOYMENT_FILE = tmp_path / "no-deployment.json"
+    if configured == "an_escrow":
+        settings.USAGE_ESCROW_ADDRESS = DEPLOYMENT_A_ESCROW
+    elif configured == "a_name":
+        settings.WALLET_PROOF_DOMAIN_NAME = "Acme agent market"
+    elif configured == "the_dev_chain":
+        settings.CHAIN_ID = settings.DEV_CHAIN_ID
+
+    warned = [message.id for message in checks.run_checks() if message.id == "catalog.W001"]
+
+    assert warned == (["catalog.W001"] if configured == "nothing" else [])
