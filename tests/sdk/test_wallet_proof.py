@@ -95,3 +95,10 @@ def test_the_marketplaces_message_for_the_pinned_deployment_is_signed():
     offered["domain"]["verifyingContract"] = ESCROW.lower()  # JSON may carry an address in any case
     proof = sign_wallet_proof(KEY, expires_at=EXPIRES_AT, offered=offered, **SIGNED)
     assert proof == sign_wallet_proof(KEY, expires_at=EXPIRES_AT, **SIGNED)
+
+
+@pytest.mark.parametrize("offered", ["sign me", [], {"domain": {}}, 42])
+def test_a_marketplace_message_that_is_no_wallet_proof_is_refused_not_raised_on(offered):
+    with pytest.raises(SigningRefused) as refusal:
+        sign_wallet_proof(KEY, expires_at=EXPIRES_AT, offered=offered, **SIGNED)
+    assert refusal.value.field.startswith("wallet_proof")
