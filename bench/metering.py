@@ -191,7 +191,8 @@ def check_usage_chain(agreement_id) -> list[str]:
                                usage_digest=receipts.ZERO_DIGEST)
         verified = receipts.verify_usage(events, escrow=escrow, agreement_id=agreement.onchain_id,
                                          chain_id=agreement.chain_id, escrow_address=chainconfig.escrow_address(),
-                                         price_per_unit=agreement.price_per_unit)
+                                         price_per_unit=agreement.price_per_unit,
+                                         pinned_receipt_signers=chainconfig.receipt_signer_address())
     except receipts.UsageVerificationError as exc:
         problems.append(f"receipts: {exc}")
     else:

@@ -744,23 +744,87 @@ class MarketplaceClient:
         with self._lock:
             _remembered(self._activated, _proposal_key(agreement_id), buyer, replace=True)
 
-    def escrow_status(self, agreement_id: AgreementId, *, verify: bool = False) -> dict[str, Any]:
-        """Amounts, chain transactions and confirmations; `verify=True` adds the contract's own view."""
-        params = {"verify": "true"} if verify else None
-        return self._request("GET", f"/usage-agreements/{agreement_id}/escrow-status", params=params)
+    def escrow_status(self, agreement_id: AgreementId, *, verify: bool = False,
+                      buyer_wallet_address: str | None = None) -> dict[str, Any]:
+        """Amounts, chain transactions and confirmations; `verify=True` adds the contract's own view (`onchain`).
+
+        With `rpc_url` and the pinned `network`, that view is the buyer's RPC's, not the marketplace's (whose
+        `onchain` is discarded, and not asked for): `onchain` holds the contract's record as the marketplace names its
+        fields (`state`, `buyer`, `seller`, `receiptSigner`, `depositAmount`, `settledAmount`, `lastSeq`,
+        `usageDigest`, `termsHash`, `challengeDeadline`, `challengeWindow`: those `sdk.onchain.ChainReader.escrow`
+        reads; `state` "none" when never activated) of the buyer's escrow (the wallet `buyer_wallet_address`, else the one this client activated the agreement with,
+        else the one the agreement states, whose escrow counts only if its on-chain terms are the ones the agreement
+        states) and `status_onchain` whether it is in the agreement's status (`wait_until`); `onchain` is null when
+        the agreement's escrow id is not its own (`sdk.terms.check_onchain_id`). Without them, `onchain` is the
+        marketplace's word."""
+        if not (verify and self._chain is not None and self._network is not None):
+            params = {"verify": "true"} if verify else None
+            return self._request("GET", f"/usage-agreements/{agreement_id}/escrow-status", params=params)
+        answer = _answered(self._request("GET", f"/usage-agreements/{agreement_id}/escrow-status"),
+                           where="escrow status")
+        agreement = self.get_agreement(agreement_id)
+        buyer, stated_buyer = self._escrow_buyer(agreement_id, agreement, buyer_wallet_address)
+        escrow = self._buyers_escrow(agreement, buyer) if buyer else None
+        return {**answer, "onchain": None if escrow is None else _escrow_record(escrow),
+                "status_onchain": escrow is not None and _escrow_shows(
+                    agreement, escrow, terms=stated_buyer or agreement.get("status") == "active", network=self.network,
+                    now=self._chain_now)}
+
+    def _escrow_buyer(self, agreement_id: AgreementId, agreement: Mapping[str, Any],
+                      given: str | None) -> tuple[str | None, bool]:
+        """The wallet whose escrow is the agreement's: `given`, else the one this client activated it with, else the
+        one the agreement states (True: the marketplace's word, whose escrow must be for the terms it states)."""
+        if given is not None:
+            return given, False
+        with self._lock:
+            activated = self._activated.get(_proposal_key(agreement_id))
+        if activated is not None:
+            return activated, False
+        stated = agreement.get("buyer_wallet_address")
+        return (stated, True) if isinstance(stated, str) and stated else (None, True)
+
+    def _buyers_escrow(self, agreement: Mapping[str, Any], buyer: str) -> OnchainEscrow | None:
+        """`buyer`'s escrow under the agreement's own escrow id, as the buyer's RPC reads it; None when the id is not
+        the agreement's own, or the escrow does not read."""
+        try:
+            return self._reader().escrow(self.network.escrow_address, check_onchain_id(agreement), buyer=buyer,
+                                         from_block=self.network.escrow_deployment_block)
+        except (RpcError, SigningRefused, ValueError):
+            return None
+
+    def _chain_now(self) -> int | None:
+        """This machine's clock, or the chain's when it runs ahead (a dev chain moved forward); None: unreadable."""
+        try:
+            return max(int(time.time()), self._reader().now())
+        except RpcError:
+            return None
 
     def wait_until(self, agreement_id: AgreementId, *, statuses: Collection[str] = frozenset({"active"}),
                    failure: Collection[str] = frozenset({"activation_failed"}), timeout: float = 300.0,
-                   poll_interval: float = 2.0) -> dict[str, Any]:
+                   poll_interval: float = 2.0, buyer_wallet_address: str | None = None) -> dict[str, Any]:
         """Poll the agreement until its status is one of `statuses` and return it.
 
         Raises `AgreementFailed` when it reaches a `failure` status, `TimeoutError` after `timeout` seconds.
         Activation waits for the relayer and for chain confirmations: seconds to minutes are normal.
+
+        With `rpc_url` and the pinned `network`, a status the escrow has on-chain (`active`, `in_challenge`,
+        `disputed`, `settling`, `settled`, `refunded`) is returned only once the buyer's escrow, as the buyer's RPC
+        reads it, is in it (`active`: active, its on-chain terms, deposit included, the ones the agreement states;
+        `in_challenge`: a settlement proposed, with the agreement's `challenge_deadline`; `settling`: a proposal whose
+        window has passed, a dispute or a resolution; `refunded`: reclaimed), else the wait goes on to its
+        `TimeoutError`: a compromised marketplace answering "active" for an escrow never funded, or "settled" while
+        the window is open, was believed. The buyer's escrow is `buyer_wallet_address`'s, else the wallet this
+        client activated the agreement with, else the wallet the agreement states, whose escrow must then be for the
+        terms the agreement states (anyone may open an escrow of their own under its id). Without them, the status is
+        the marketplace's word.
         """
+        checked = self._chain is not None and self._network is not None
+
         def reached(agreement: dict[str, Any]) -> bool:
             status = _stated_status(agreement, "status", where="agreement")
             if status in statuses:
-                return True
+                return not checked or status not in _ONCHAIN_STATUSES or self._status_shown(
+                    agreement_id, agreement, buyer_wallet_address)
             if status in failure:
                 raise AgreementFailed(agreement)
             return False
@@ -768,7 +832,17 @@ class MarketplaceClient:
         return self._poll(lambda: self.get_agreement(agreement_id), reached, timeout=timeout,
                           poll_interval=poll_interval, late=lambda agreement: (
                               f"agreement {agreement_id} is {_still(agreement, 'status')} after {timeout:g} s, "
-                              f"waiting for {', '.join(sorted(statuses))}"))
+                              f"waiting for {', '.join(sorted(statuses))}"
+                              + (" shown on-chain by the buyer's RPC" if checked else "")))
+
+    def _status_shown(self, agreement_id: AgreementId, agreement: Mapping[str, Any], given_buyer: str | None, *,
+                      terms: bool = True) -> bool:
+        """Whether the buyer's escrow (`_escrow_buyer`), through the buyer's RPC, is in the agreement's status
+        (`_escrow_shows`), its on-chain terms the agreement's when `terms` or when the buyer is the agreement's word."""
+        buyer, stated_buyer = self._escrow_buyer(agreement_id, agreement, given_buyer)
+        escrow = self._buyers_escrow(agreement, buyer) if buyer else None
+        return escrow is not None and _escrow_shows(agreement, escrow, terms=terms or stated_buyer,
+                                                    network=self.network, now=self._chain_now)
 
     # --- metering and settlement ---------------------------------------------------------------------------------
 
@@ -938,9 +1012,10 @@ class MarketplaceClient:
         `wait=True` this polls until the proposal is on-chain and returns the agreement `in_challenge` (with its
         `challenge_deadline`), or already past it. With `rpc_url` and the buyer's wallet known (`buyer_wallet_address`,
         else the one this client activated the agreement with), the status returned must be the buyer's escrow's as
-        the RPC reads it (`_completion_shown`), else the wait goes on to its `TimeoutError`: a compromised marketplace
+        the RPC reads it (`_escrow_shows`), else the wait goes on to its `TimeoutError`: a compromised marketplace
         answering "settled", or a later challenge deadline, while the window is open would have the buyer let it
-        close. Without them, the status is the marketplace's word."""
+        close. With `rpc_url` but no buyer's wallet known, `wait_until`'s check (the escrow of the wallet the agreement
+        states, for the terms it states). Without `rpc_url`, the status is the marketplace's word."""
         answer = self._request("POST", f"/usage-agreements/{agreement_id}/complete", json={"reason": reason})
         if not wait:
             return answer
@@ -948,46 +1023,19 @@ class MarketplaceClient:
         if buyer_wallet_address is None:
             with self._lock:
                 buyer_wallet_address = self._activated.get(_proposal_key(agreement_id))
-        if self._chain is None or buyer_wallet_address is None:
+        if self._chain is None or self._network is None or buyer_wallet_address is None:
             return self.wait_until(agreement_id, statuses=statuses, failure=frozenset(), timeout=timeout,
                                    poll_interval=poll_interval)
         buyer = buyer_wallet_address
 
         def reached(agreement: dict[str, Any]) -> bool:
-            return _stated_status(agreement, "status", where="agreement") in statuses and self._completion_shown(
-                agreement, buyer)
+            return _stated_status(agreement, "status", where="agreement") in statuses and self._status_shown(
+                agreement_id, agreement, buyer, terms=False)
 
         return self._poll(lambda: self.get_agreement(agreement_id), reached, timeout=timeout,
                           poll_interval=poll_interval, late=lambda agreement: (
                               f"agreement {agreement_id} is not completed on-chain as the buyer's RPC reads its escrow "
                               f"after {timeout:g} s (the marketplace names it {_still(agreement, 'status')})"))
-
-    def _completion_shown(self, agreement: Mapping[str, Any], buyer: str) -> bool:
-        """Whether the buyer's escrow, through its RPC, is in the state the completed agreement names: `in_challenge`,
-        a settlement proposed with the agreement's `challenge_deadline`; `disputed`, disputed; `settling`, a
-        proposal whose window has passed, a dispute or a resolution (or settled already); `settled`, settled. An
-        agreement whose escrow id is not its own, or an escrow that does not read, shows nothing (yet)."""
-        status = agreement.get("status")
-        try:
-            escrow = self._reader().escrow(self.network.escrow_address, check_onchain_id(agreement), buyer=buyer,
-                                           from_block=self.network.escrow_deployment_block)
-        except (RpcError, SigningRefused):
-            return False
-        if status == "in_challenge":
-            try:
-                stated = agreed_time(agreement, "challenge_deadline")
-            except SigningRefused:
-                return False
-            return escrow.state == "proposed" and escrow.challenge_deadline == stated
-        if status == "settling":
-            if escrow.state in ("disputed", "resolved", "settled"):
-                return True
-            try:  # the window is over by the chain's clock, which a dev chain may have moved ahead of this machine's
-                now = max(int(time.time()), self._reader().now())
-            except RpcError:
-                return False
-            return escrow.state == "proposed" and escrow.challenge_deadline <= now
-        return escrow.state == status  # "disputed", "settled"
 
     def challenge(self, agreement: Mapping[str, Any], wallet: str | Wallet, reason: str, *, evidence: str = "",
                   idempotency_key: str | None = None) -> dict[str, Any]:
@@ -1516,6 +1564,50 @@ def _check_masumi_timers(agreement: Mapping[str, Any], timers: Mapping[str, Any]
         raise SigningRefused("agreement.challenge_window_seconds",
                              f"from {shortest} to {CHALLENGE_WINDOW_MAX_SECONDS}"
                              f"{' (until unlockTime)' if 'unlockTime' in timers else ''}", window)
+
+
+# The agreement statuses the escrow has on-chain: `wait_until` returns one, with an RPC, once the escrow shows it.
+_ONCHAIN_STATUSES = frozenset({"active", "in_challenge", "disputed", "settling", "settled", "refunded"})
+
+
+def _escrow_shows(agreement: Mapping[str, Any], escrow: OnchainEscrow, *, terms: bool, network: NetworkConfig,
+                  now: Callable[[], int | None]) -> bool:
+    """Whether `escrow`, as the buyer's RPC reads it, is in the status the agreement names: `active`, active;
+    `in_challenge`, a settlement proposed with the agreement's `challenge_deadline`; `disputed`, disputed; `settling`,
+    a proposal whose window has passed by `now()` (the chain's clock when ahead), a dispute or a resolution (or
+    settled already); `settled`, settled; `refunded`, reclaimed. With `terms` (and always for `active`: the deposit
+    in escrow is the one stated), its on-chain terms hash and deposit must be the ones the agreement states. An
+    agreement whose terms do not read shows nothing."""
+    status = agreement.get("status")
+    if terms or status == "active":
+        try:
+            stated = stated_terms_hash(agreement, network)
+            deposit = agreed_whole(agreement, "quantity") * agreed_whole(agreement, "price_per_unit_atomic")
+        except (SigningRefused, KeyError, TypeError, ValueError):
+            return False
+        if escrow.terms_hash != stated or escrow.deposit_amount != deposit:
+            return False
+    if status == "in_challenge":
+        try:
+            deadline = agreed_time(agreement, "challenge_deadline")
+        except SigningRefused:
+            return False
+        return escrow.state == "proposed" and escrow.challenge_deadline == deadline
+    if status == "settling":
+        if escrow.state in ("disputed", "resolved", "settled"):
+            return True
+        clock = now() if escrow.state == "proposed" else None
+        return clock is not None and escrow.challenge_deadline <= clock
+    return escrow.state == {"refunded": "reclaimed"}.get(str(status), status)
+
+
+def _escrow_record(escrow: OnchainEscrow) -> dict[str, Any]:
+    """The escrow's record under the names the marketplace's `escrow-status?verify=true` gives its fields."""
+    return {"state": escrow.state, "buyer": escrow.buyer, "seller": escrow.seller,
+            "receiptSigner": escrow.receipt_signer, "depositAmount": escrow.deposit_amount,
+            "settledAmount": escrow.settled_amount, "lastSeq": escrow.last_seq, "usageDigest": escrow.usage_digest,
+            "termsHash": escrow.terms_hash, "challengeDeadline": escrow.challenge_deadline,
+            "challengeWindow": escrow.challenge_window}
 
 
 def _remembered(store: OrderedDict[Any, T], key: Any, value: T, *, replace: bool = False) -> T:

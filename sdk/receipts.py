@@ -4,7 +4,7 @@ A buyer verifies every charge with `verify_usage` (no marketplace, no Django) ag
 holds it (`sdk.onchain.ChainReader.escrow`, through the buyer's own RPC): each event's digest extends the previous
 one (`usageDigest_n = keccak256(usageDigest_{n-1} ‖ eventHash_n)`, `usageDigest_0 = 0x00…`), the sequence has no
 gap, the cumulative amounts add up and stay within the deposit, every receipt recovers to the escrow's on-chain
-receipt signer, the last event carries one (the marketplace signs the last event of every write), and a proposed
+receipt signer, which must be one the caller pins (`pinned_receipt_signers`, required), the last event carries one (the marketplace signs the last event of every write), and a proposed
 settlement is the last receipt. Each failure has its own exception type.
 
 The receipt hash is written out by hand because the marketplace signs one per proxied call: ~15 µs against
@@ -189,20 +189,24 @@ class UsageVerificationTimedOut(TimeoutError):
 
 def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, agreement_id: str, chain_id: int,
                  escrow_address: str, price_per_unit: int,
-                 pinned_receipt_signers: Collection[str] = ()) -> VerifiedUsage:
+                 pinned_receipt_signers: Collection[str]) -> VerifiedUsage:
     """Check a usage listing (`GET /usage-agreements/{id}/usage`, oldest first) against the on-chain `escrow`.
 
     Each cost must be `units × price_per_unit` (required: the unit price the buyer signed for). Receipts must recover
-    to `escrow.receipt_signer`, which, with `pinned_receipt_signers` (the network's pinned signer and any retired one
-    it pins), must be one of them: the escrow is read through an RPC, which could name a key of its own
+    to `escrow.receipt_signer`, which must be one of `pinned_receipt_signers` (required, not empty: the network's
+    pinned signer and any retired one it pins, `NetworkConfig.receipt_signers`; else TypeError): the escrow is read
+    through an RPC, which could name a key of its own, or built from what the marketplace says
     (`ReceiptSignerMismatch`). An event's `receipt_signer` (the address the marketplace says signed it) only tells a
     tampered receipt from one signed by another key; it is never trusted."""
     if isinstance(price_per_unit, bool) or not isinstance(price_per_unit, int):
         raise TypeError(f"price_per_unit must be an int (token base units), not {price_per_unit!r:.40}")
     if isinstance(pinned_receipt_signers, str):  # one address, not its characters
         pinned_receipt_signers = (pinned_receipt_signers,)
-    pinned = {str(signer).lower() for signer in pinned_receipt_signers}
-    if pinned and escrow.state != "none" and escrow.receipt_signer.lower() not in pinned:
+    pinned = {str(signer).lower() for signer in pinned_receipt_signers or ()}
+    if not pinned:
+        raise TypeError("pinned_receipt_signers must name the pinned receipt signer (NetworkConfig.receipt_signers): "
+                        "without it, receipts signed by any key the escrow record names would verify")
+    if escrow.state != "none" and escrow.receipt_signer.lower() not in pinned:
         raise ReceiptSignerMismatch(f"the escrow's receipt signer {escrow.receipt_signer}, as the RPC reads it, is "
                                     f"not a pinned one ({', '.join(sorted(pinned))})")
     digest, cumulative, expected_seq, count = ZERO_DIGEST, 0, 1, 0

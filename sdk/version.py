@@ -6,6 +6,12 @@
 # other on the chain (the same default name) for the same owner id and handle within the day; with offered= (the
 # typed data of the marketplace's 400 wallet_proof_required) it refuses a message other than the one it builds
 # (SigningRefused on "wallet_proof.<field>": another deployment's escrow, chain or name, another handle or owner);
+# also 0.4.19: sdk.receipts.verify_usage requires pinned_receipt_signers (TypeError without, or empty): a caller leaving
+# it out accepted receipts signed by any key the escrow record handed in named; with rpc_url and the pinned network,
+# wait_until returns a status the escrow has on-chain (active, in_challenge, disputed, settling, settled, refunded)
+# only once the buyer's escrow shows it through the RPC (active: the stated terms and deposit), else waits on to its
+# TimeoutError; escrow_status(verify=True) returns the RPC's read of the escrow as onchain (the marketplace's
+# discarded) and status_onchain; wait_until and escrow_status take buyer_wallet_address=;
 # 0.4.18: with rpc_url, cancel_payment_authorization(wait=True) raises PaymentAuthorizationUsed only once the buyer's
 # RPC shows the transaction the marketplace names emitting the token's AuthorizationUsed of the wallet and nonce
 # (ChainReader.authorization_used; else the wait goes on to its TimeoutError): any payment_tx_hash it named had the

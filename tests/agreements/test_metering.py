@@ -43,7 +43,8 @@ def test_a_proxied_call_is_forwarded_signed_and_billed(active, http_server, escr
     onchain_id = UsageAgreement.objects.get(pk=active.agreement_id).onchain_id
     verified = receipts.verify_usage(usage, agreement_id=onchain_id, chain_id=escrow_chain.chain_id,
                                      escrow_address=escrow_chain.addresses["escrow"],
-                                     escrow=onchain_escrow(escrow_chain, onchain_id), price_per_unit=20_000)
+                                     escrow=onchain_escrow(escrow_chain, onchain_id), price_per_unit=20_000,
+                                     pinned_receipt_signers=escrow_chain.accounts.receipt_signer.address)
     assert verified.cumulative_amount == 20_000
     # The contract computes the same receipt digest.
     onchain = escrow_chain.escrow.functions.usageReceiptDigest(
@@ -206,7 +207,8 @@ def test_seller_records_usage_all_or_nothing(active, escrow_chain):
     onchain_id = UsageAgreement.objects.get(pk=active.agreement_id).onchain_id
     receipts.verify_usage(usage, agreement_id=onchain_id, chain_id=escrow_chain.chain_id,
                           escrow_address=escrow_chain.addresses["escrow"],
-                          escrow=onchain_escrow(escrow_chain, onchain_id), price_per_unit=20_000)
+                          escrow=onchain_escrow(escrow_chain, onchain_id), price_per_unit=20_000,
+                          pinned_receipt_signers=escrow_chain.accounts.receipt_signer.address)
 
 
 @pytest.mark.parametrize("body", [{"units": 1}, {"events": [{"units": 1}, {"units": 1}]}, {"units_used": 2}])

@@ -404,7 +404,8 @@ class Books(RuleBasedStateMachine):
             usage, cursor = usage + page["results"], page["next_cursor"]
         verified = receipts.verify_usage(usage, agreement_id=self.onchain_id, chain_id=self.chain.chain_id,
                                          escrow_address=self.chain.addresses["escrow"], escrow=self.escrow,
-                                         price_per_unit=self.price)
+                                         price_per_unit=self.price,
+                                         pinned_receipt_signers=self.chain.accounts.receipt_signer.address)
         assert verified.cumulative_amount == self.used
 
 

@@ -79,7 +79,8 @@ def assert_books_exact(parties, chain, *, calls: int) -> None:
     assert [event["seq"] for event in usage] == list(range(1, calls + 1))
     verified = receipts.verify_usage(usage, agreement_id=agreement.onchain_id, chain_id=chain.chain_id,
                                      escrow_address=chain.addresses["escrow"],
-                                     escrow=onchain_escrow(chain, agreement.onchain_id), price_per_unit=PRICE)
+                                     escrow=onchain_escrow(chain, agreement.onchain_id), price_per_unit=PRICE,
+                                     pinned_receipt_signers=chain.accounts.receipt_signer.address)
     assert verified.cumulative_amount == calls * PRICE
 
 

@@ -120,7 +120,8 @@ def test_reports_at_once_charge_no_more_than_the_deposit_on_one_gap_free_chain(a
     usage = parties.buyer_api.get(f"/usage-agreements/{parties.agreement_id}/usage").json()["results"]
     receipts.verify_usage(usage, agreement_id=agreement.onchain_id, chain_id=escrow_chain.chain_id,
                           escrow_address=escrow_chain.addresses["escrow"],
-                          escrow=onchain_escrow(escrow_chain, agreement.onchain_id), price_per_unit=20_000)
+                          escrow=onchain_escrow(escrow_chain, agreement.onchain_id), price_per_unit=20_000,
+                          pinned_receipt_signers=escrow_chain.accounts.receipt_signer.address)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -149,7 +149,8 @@ def test_usage_after_a_rotation_is_signed_by_the_receipt_signer_the_escrow_names
     escrow = onchain_escrow(chain, onchain_id)
     assert escrow.receipt_signer == chain.accounts.receipt_signer.address
     verified = receipts.verify_usage(usage, escrow=escrow, agreement_id=onchain_id, chain_id=chain.chain_id,
-                                     escrow_address=chain.addresses["escrow"], price_per_unit=agreement.price_per_unit)
+                                     escrow_address=chain.addresses["escrow"], price_per_unit=agreement.price_per_unit,
+                                     pinned_receipt_signers=chain.accounts.receipt_signer.address)
     assert (verified.events, verified.last_signed_seq) == (6, 6)
     assert {event["receipt_signer"] for event in usage} == {chain.accounts.receipt_signer.address}
 
@@ -1225,7 +1226,8 @@ def test_seller_reported_usage_is_proposed_and_paid_at_its_last_receipt_and_ever
     assert escrow.state == "proposed" and escrow.proposed_amount == 12 * 20_000
     usage = funded.buyer_api.get(f"/usage-agreements/{agreement_id}/usage").json()["results"]
     verified = receipts.verify_usage(usage, escrow=escrow, agreement_id=onchain_id, chain_id=chain.chain_id,
-                                     escrow_address=chain.addresses["escrow"], price_per_unit=20_000)
+                                     escrow_address=chain.addresses["escrow"], price_per_unit=20_000,
+                                     pinned_receipt_signers=chain.accounts.receipt_signer.address)
     assert verified.cumulative_amount == 12 * 20_000
     listed = funded.buyer_api.get(f"/usage-agreements/{agreement_id}/cumulative-receipts").json()["items"]
     for item in listed:

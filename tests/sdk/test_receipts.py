@@ -67,7 +67,8 @@ def _listing_and_its_check(*, agreement_id: str, batches: list[list[int]], price
     listing = _signed_listing(key=signer, chain_id=chain_id, escrow_address=escrow_address,
                               agreement_id=agreement_id, batches=batches, price=price)
     return listing, functools.partial(receipts.verify_usage, escrow=escrow, agreement_id=agreement_id,
-                                      chain_id=chain_id, escrow_address=escrow_address, price_per_unit=price)
+                                      chain_id=chain_id, escrow_address=escrow_address, price_per_unit=price,
+                                      pinned_receipt_signers=signer.address)
 
 
 def test_an_event_changed_after_signing_is_caught_even_with_its_receipt_taken_away():
