@@ -1164,15 +1164,50 @@ class MarketplaceClient:
 
     def wait_for_purchase(self, blockchain_identifier: str, *,
                           states: Collection[str] = frozenset({"ResultSubmitted"}), network: str = "Preprod",
-                          timeout: float = 300.0, poll_interval: float = 2.0) -> dict[str, Any]:
+                          timeout: float = 300.0, poll_interval: float = 2.0,
+                          buyer_wallet_address: str | None = None) -> dict[str, Any]:
         """Poll the purchase until its `onChainState` is one of `states` (e.g. ResultSubmitted: `result` holds the
-        job's output); `TimeoutError` after `timeout` seconds."""
-        return self._poll(lambda: self.get_purchase(blockchain_identifier, network=network),
-                          lambda purchase: _stated_status(purchase, "onChainState", where="purchase") in states,
+        job's output); `TimeoutError` after `timeout` seconds.
+
+        With `rpc_url` and the pinned `network`, a state the escrow has on-chain is returned only once the escrow of
+        the purchase's agreement (`agreementId`), as the buyer's RPC reads it, is in it (FundsLocked and
+        ResultSubmitted: active or proposed; Disputed: disputed or resolved, a refund request's challenge mined;
+        Withdrawn and DisputedWithdrawn: settled; RefundWithdrawn: reclaimed, or settled paying the seller nothing),
+        else the wait goes on to its `TimeoutError`: "RefundWithdrawn" while a settlement was proposed had the buyer
+        let its window close. The escrow is the buyer's as `wait_until` reads it (`buyer_wallet_address`, else the wallet this
+        client bought with, else the agreement's stated buyer, for its stated terms)."""
+        checked = self._chain is not None and self._network is not None
+
+        def reached(purchase: dict[str, Any]) -> bool:
+            state = _stated_status(purchase, "onChainState", where="purchase")
+            if state not in states:
+                return False
+            shown = _MASUMI_ONCHAIN_STATES.get(str(state))
+            return not checked or shown is None or self._purchase_shown(purchase, shown, buyer_wallet_address)
+
+        return self._poll(lambda: self.get_purchase(blockchain_identifier, network=network), reached,
                           timeout=timeout,
                           poll_interval=poll_interval, late=lambda purchase: (
                               f"purchase {blockchain_identifier} is {_still(purchase, 'onChainState')} after "
-                              f"{timeout:g} s, waiting for {', '.join(sorted(states))}"))
+                              f"{timeout:g} s, waiting for {', '.join(sorted(states))}"
+                              + (" shown on-chain by the buyer's RPC" if checked else "")))
+
+    def _purchase_shown(self, purchase: Mapping[str, Any], shown: frozenset[str], given_buyer: str | None) -> bool:
+        """Whether the escrow of the purchase's agreement, through the buyer's RPC, is in one of the `shown` states
+        (RefundWithdrawn's "settled" paying the seller nothing)."""
+        agreement_id = purchase.get("agreementId")
+        if not isinstance(agreement_id, str) or not agreement_id:
+            return False
+        agreement = self.get_agreement(agreement_id)
+        if str(agreement.get("id")) != agreement_id:
+            return False
+        buyer, stated_buyer = self._escrow_buyer(agreement_id, agreement, given_buyer)
+        escrow = self._buyers_escrow(agreement, buyer) if buyer else None
+        if escrow is None or escrow.state not in shown:
+            return False
+        if purchase.get("onChainState") == "RefundWithdrawn" and escrow.state == "settled" and escrow.settled_amount:
+            return False
+        return not stated_buyer or _terms_shown(agreement, escrow, self.network)
 
     def request_refund(self, blockchain_identifier: str, wallet: str | Wallet, *,
                        agreement_id: AgreementId | None = None, network: str = "Preprod") -> dict[str, Any]:
@@ -1566,8 +1601,25 @@ def _check_masumi_timers(agreement: Mapping[str, Any], timers: Mapping[str, Any]
                              f"{' (until unlockTime)' if 'unlockTime' in timers else ''}", window)
 
 
+# The escrow states a Masumi purchase's onChainState stands for (`escrow.purchases.purchase_onchain_state`).
+_MASUMI_ONCHAIN_STATES = {
+    "FundsLocked": frozenset({"active", "proposed"}), "ResultSubmitted": frozenset({"active", "proposed"}),
+    "Disputed": frozenset({"disputed", "resolved"}), "Withdrawn": frozenset({"settled"}),
+    "DisputedWithdrawn": frozenset({"settled"}), "RefundWithdrawn": frozenset({"reclaimed", "settled"}),
+}
 # The agreement statuses the escrow has on-chain: `wait_until` returns one, with an RPC, once the escrow shows it.
 _ONCHAIN_STATUSES = frozenset({"active", "in_challenge", "disputed", "settling", "settled", "refunded"})
+
+
+def _terms_shown(agreement: Mapping[str, Any], escrow: OnchainEscrow, network: NetworkConfig) -> bool:
+    """Whether `escrow`'s on-chain terms hash and deposit are the ones the agreement states (False when they do not
+    read)."""
+    try:
+        stated = stated_terms_hash(agreement, network)
+        deposit = agreed_whole(agreement, "quantity") * agreed_whole(agreement, "price_per_unit_atomic")
+    except (SigningRefused, KeyError, TypeError, ValueError):
+        return False
+    return escrow.terms_hash == stated and escrow.deposit_amount == deposit
 
 
 def _escrow_shows(agreement: Mapping[str, Any], escrow: OnchainEscrow, *, terms: bool, network: NetworkConfig,
@@ -1579,14 +1631,8 @@ def _escrow_shows(agreement: Mapping[str, Any], escrow: OnchainEscrow, *, terms:
     in escrow is the one stated), its on-chain terms hash and deposit must be the ones the agreement states. An
     agreement whose terms do not read shows nothing."""
     status = agreement.get("status")
-    if terms or status == "active":
-        try:
-            stated = stated_terms_hash(agreement, network)
-            deposit = agreed_whole(agreement, "quantity") * agreed_whole(agreement, "price_per_unit_atomic")
-        except (SigningRefused, KeyError, TypeError, ValueError):
-            return False
-        if escrow.terms_hash != stated or escrow.deposit_amount != deposit:
-            return False
+    if (terms or status == "active") and not _terms_shown(agreement, escrow, network):
+        return False
     if status == "in_challenge":
         try:
             deadline = agreed_time(agreement, "challenge_deadline")

@@ -11,7 +11,8 @@
 # wait_until returns a status the escrow has on-chain (active, in_challenge, disputed, settling, settled, refunded)
 # only once the buyer's escrow shows it through the RPC (active: the stated terms and deposit), else waits on to its
 # TimeoutError; escrow_status(verify=True) returns the RPC's read of the escrow as onchain (the marketplace's
-# discarded) and status_onchain; wait_until and escrow_status take buyer_wallet_address=;
+# discarded) and status_onchain; wait_for_purchase likewise holds a Masumi onChainState to the escrow of the
+# purchase's agreement; wait_until, escrow_status and wait_for_purchase take buyer_wallet_address=;
 # 0.4.18: with rpc_url, cancel_payment_authorization(wait=True) raises PaymentAuthorizationUsed only once the buyer's
 # RPC shows the transaction the marketplace names emitting the token's AuthorizationUsed of the wallet and nonce
 # (ChainReader.authorization_used; else the wait goes on to its TimeoutError): any payment_tx_hash it named had the

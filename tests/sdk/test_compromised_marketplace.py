@@ -81,12 +81,16 @@ def _escrow_of(agreement: dict[str, Any], state: str, **changes: Any) -> Onchain
 
 
 def _client(monkeypatch, agreement: dict[str, Any], escrow: OnchainEscrow, *, rpc: bool = True,
-            onchain_claim: dict[str, Any] | None = None) -> MarketplaceClient:
+            onchain_claim: dict[str, Any] | None = None, purchase: dict[str, Any] | None = None) -> MarketplaceClient:
+    """A client of a marketplace answering `agreement` (its escrow status claiming `onchain_claim`, its purchase
+    listing `purchase`), its RPC reading the buyer's escrow as `escrow`."""
     monkeypatch.setattr(ChainReader, "escrow", lambda self, *args, **kwargs: escrow)
     monkeypatch.setattr(ChainReader, "now", lambda self: int(time.time()))
     monkeypatch.setattr(ChainReader, "chain_id", lambda self: NETWORK.chain_id)
 
     def marketplace(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/purchase":
+            return httpx.Response(200, json={"status": "success", "data": {"Purchases": [purchase]}})
         if request.url.path.endswith("/escrow-status"):
             return httpx.Response(200, json={
                 "agreement_id": agreement["id"], "onchain_id": agreement["onchain_id"], "status": agreement["status"],
@@ -149,3 +153,45 @@ def test_escrow_status_verified_is_the_buyers_rpcs_read_not_the_marketplaces_cla
         status = client.escrow_status(agreement_id, verify=True, buyer_wallet_address=BUYER)
     assert (status["onchain"]["state"], status["onchain"]["receiptSigner"]) == ("active", NETWORK.receipt_signer)
     assert status["status_onchain"] is True
+
+
+# --- a Masumi purchase's onChainState -----------------------------------------------------------------------------
+
+def _purchase_client(monkeypatch, agreement: dict[str, Any], escrow: OnchainEscrow, state: str) -> MarketplaceClient:
+    purchase = {"blockchainIdentifier": agreement["onchain_id"].removeprefix("0x"), "agreementId": agreement["id"],
+                "onChainState": state}
+    return _client(monkeypatch, agreement, escrow, purchase=purchase)
+
+
+@pytest.mark.parametrize(("state", "onchain", "changes"), [
+    pytest.param("RefundWithdrawn", "proposed", {}, id="refunded, a settlement proposed on-chain"),
+    pytest.param("RefundWithdrawn", "settled", {"settled_amount": 10 * LISTED_PRICE}, id="refunded, the seller paid"),
+    pytest.param("Withdrawn", "active", {}, id="withdrawn, still active on-chain"),
+    pytest.param("FundsLocked", "none", {}, id="funds locked, no escrow on-chain"),
+    pytest.param("Disputed", "proposed", {}, id="disputed, nothing disputed on-chain"),
+])
+def test_wait_for_purchase_does_not_take_a_state_the_buyers_rpc_does_not_show(monkeypatch, state, onchain, changes):
+    """`wait_for_purchase` returned the purchase as soon as the marketplace named the awaited `onChainState`: a
+    compromised marketplace answering "RefundWithdrawn" while a settlement of the whole deposit was proposed on-chain
+    had the buyer believe it refunded and let the window close. With rpc_url and the pinned network, a state with an
+    on-chain counterpart must be the escrow's of the purchase's agreement, as the buyer's RPC reads it, else the wait
+    goes on to its timeout."""
+    agreement = _agreement(str(uuid.uuid4()), "active")
+    with _purchase_client(monkeypatch, agreement, _escrow_of(agreement, onchain, **changes), state) as client:
+        client._remember_buyer(agreement["id"], BUYER)
+        with pytest.raises(TimeoutError, match="on-chain"):
+            client.wait_for_purchase(agreement["onchain_id"].removeprefix("0x"), states={state}, timeout=0.3,
+                                     poll_interval=0.05)
+
+
+@pytest.mark.parametrize(("state", "onchain", "changes"), [
+    ("RefundWithdrawn", "reclaimed", {}), ("RefundWithdrawn", "settled", {}),
+    ("Withdrawn", "settled", {"settled_amount": LISTED_PRICE}), ("FundsLocked", "active", {}),
+    ("ResultSubmitted", "proposed", {}), ("Disputed", "disputed", {}),
+], ids=["reclaimed", "settled for nothing", "withdrawn", "funds locked", "result submitted", "disputed"])
+def test_wait_for_purchase_returns_a_state_the_buyers_rpc_shows(monkeypatch, state, onchain, changes):
+    agreement = _agreement(str(uuid.uuid4()), "active")
+    with _purchase_client(monkeypatch, agreement, _escrow_of(agreement, onchain, **changes), state) as client:
+        purchase = client.wait_for_purchase(agreement["onchain_id"].removeprefix("0x"), states={state}, timeout=5,
+                                            poll_interval=0.05)
+    assert purchase["onChainState"] == state
