@@ -815,14 +815,18 @@ class MarketplaceClient:
         `TimeoutError`: a compromised marketplace answering "active" for an escrow never funded, or "settled" while
         the window is open, was believed. The buyer's escrow is `buyer_wallet_address`'s, else the wallet this
         client activated the agreement with, else the wallet the agreement states, whose escrow must then be for the
-        terms the agreement states (anyone may open an escrow of their own under its id). Without them, the status is
-        the marketplace's word.
+        terms the agreement states (anyone may open an escrow of their own under its id). A direct purchase this
+        client signed is `paid` only once its `payment_tx_hash`, through the RPC, used the payment authorization
+        signed for it (the token's AuthorizationUsed of the payer and nonce). Without them, the status is the
+        marketplace's word.
         """
         checked = self._chain is not None and self._network is not None
 
         def reached(agreement: dict[str, Any]) -> bool:
             status = _stated_status(agreement, "status", where="agreement")
             if status in statuses:
+                if checked and status == "paid":
+                    return self._payment_shown(agreement_id, agreement)
                 return not checked or status not in _ONCHAIN_STATUSES or self._status_shown(
                     agreement_id, agreement, buyer_wallet_address)
             if status in failure:
@@ -834,6 +838,24 @@ class MarketplaceClient:
                               f"agreement {agreement_id} is {_still(agreement, 'status')} after {timeout:g} s, "
                               f"waiting for {', '.join(sorted(statuses))}"
                               + (" shown on-chain by the buyer's RPC" if checked else "")))
+
+    def _payment_shown(self, agreement_id: AgreementId, agreement: Mapping[str, Any]) -> bool:
+        """Whether the direct purchase's `payment_tx_hash`, through the buyer's RPC, used the payment authorization
+        this client signed for it (the token's AuthorizationUsed of its payer and nonce); a purchase this client did
+        not sign: the marketplace's word."""
+        with self._lock:
+            signed = self._payment_authorizations.get(_proposal_key(agreement_id))
+        if signed is None:
+            return True
+        paid = agreement.get("payment_tx_hash")
+        if not isinstance(paid, str) or not paid:
+            return False
+        payer, nonce = signed
+        try:
+            return bool(self._reader().authorization_used(paid, token=self.network.token_address, authorizer=payer,
+                                                          nonce=nonce))
+        except RpcError:  # a node that does not show it (yet): waited for, as one that shows nothing
+            return False
 
     def _status_shown(self, agreement_id: AgreementId, agreement: Mapping[str, Any], given_buyer: str | None, *,
                       terms: bool = True) -> bool:

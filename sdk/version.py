@@ -9,8 +9,9 @@
 # also 0.4.19: sdk.receipts.verify_usage requires pinned_receipt_signers (TypeError without, or empty): a caller leaving
 # it out accepted receipts signed by any key the escrow record handed in named; with rpc_url and the pinned network,
 # wait_until returns a status the escrow has on-chain (active, in_challenge, disputed, settling, settled, refunded)
-# only once the buyer's escrow shows it through the RPC (active: the stated terms and deposit), else waits on to its
-# TimeoutError; escrow_status(verify=True) returns the RPC's read of the escrow as onchain (the marketplace's
+# only once the buyer's escrow shows it through the RPC (active: the stated terms and deposit), and paid (a direct
+# purchase this client signed) once its payment_tx_hash shows the token's AuthorizationUsed of the authorization
+# signed, else waits on to its TimeoutError; escrow_status(verify=True) returns the RPC's read of the escrow as onchain (the marketplace's
 # discarded) and status_onchain; wait_for_purchase likewise holds a Masumi onChainState to the escrow of the
 # purchase's agreement; wait_until, escrow_status and wait_for_purchase take buyer_wallet_address=;
 # 0.4.18: with rpc_url, cancel_payment_authorization(wait=True) raises PaymentAuthorizationUsed only once the buyer's

@@ -195,3 +195,31 @@ def test_wait_for_purchase_returns_a_state_the_buyers_rpc_shows(monkeypatch, sta
         purchase = client.wait_for_purchase(agreement["onchain_id"].removeprefix("0x"), states={state}, timeout=5,
                                             poll_interval=0.05)
     assert purchase["onChainState"] == state
+
+
+# --- a direct purchase's payment ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("used", [False, True], ids=["not used on-chain", "used on-chain"])
+def test_wait_until_paid_takes_the_payment_only_as_the_buyers_rpc_shows_it(monkeypatch, used):
+    """`wait_until(statuses={"paid"})`, as `propose_direct_purchase` says to follow a purchase, returned the
+    agreement as soon as the marketplace named it paid: a compromised marketplace naming any `payment_tx_hash` had
+    the buyer believe the seller paid, and keep the payment authorization it signed (still valid, unused) instead of
+    revoking it. With rpc_url, the transaction named must show the token's AuthorizationUsed of the authorization
+    this client signed for the purchase (`ChainReader.authorization_used`), else the wait goes on."""
+    agreement_id, nonce, tx = str(uuid.uuid4()), "0x" + secrets.token_hex(32), "0x" + secrets.token_hex(32)
+    agreement = {**_agreement(agreement_id, "paid"), "settlement_model": "direct", "payment_tx_hash": tx}
+    asked: list[tuple[str, str, str, str]] = []
+
+    def authorization_used(self, tx_hash, *, token, authorizer, nonce):
+        asked.append((tx_hash, token, authorizer, nonce))
+        return used
+
+    monkeypatch.setattr(ChainReader, "authorization_used", authorization_used)
+    with _client(monkeypatch, agreement, _escrow_of(agreement, "none")) as client:
+        client._payment_authorizations[agreement_id] = (BUYER, nonce)
+        if used:
+            assert client.wait_until(agreement_id, statuses={"paid"}, timeout=5, poll_interval=0.05)["status"] == "paid"
+        else:
+            with pytest.raises(TimeoutError, match="on-chain"):
+                client.wait_until(agreement_id, statuses={"paid"}, timeout=0.3, poll_interval=0.05)
+    assert asked and set(asked) == {(tx, NETWORK.token_address, BUYER, nonce)}
