@@ -192,20 +192,35 @@ def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None 
         return None
     if cursor.last_block is not None and chain.canonical_block_hash(cursor.last_block) != cursor.last_block_hash:
         return None
-    _range_logs_check([log for log in logs if new_from is None or log["blockNumber"] < new_from])
+    # The blocks read by hash are one chain from the cursor's (checked above, `parent`): the range's logs below them
+    # are checked against it from the cursor's block down, a walk the previous pass's made already (cached).
+    top = (cursor.last_block, cursor.last_block_hash) if new_from is not None and cursor.last_block is not None \
+        else (end, end_hash)
+    if not _range_logs_check([log for log in logs if new_from is None or log["blockNumber"] < new_from], top):
+        return None
     unique = {(chain.hex_text(log["blockHash"]), log["logIndex"]): log for log in logs}  # a transfer may match both queries
     return end_hash, sorted(unique.values(), key=lambda log: (log["blockNumber"], log["logIndex"]))
 
 
-def _range_logs_check(logs: list) -> None:
-    """The logs of a range read are of the chain's blocks at their heights, as `end`'s hash, checked after them,
-    says it is: UntrustedAnswer otherwise. A load-balanced provider's backend still on a fork a reorg left answers
-    its blocks' logs; stored under a block of the fork (which no reorg check compares with the chain, the cursor's
-    block being canonical), its event stayed applied for good. (Logs read by block hash are the hash's already.)"""
-    for number, block_hash in {(log["blockNumber"], chain.hex_text(log["blockHash"]).lower()) for log in logs}:
-        if (chain.canonical_block_hash(number) or "").lower() != block_hash:
+def _range_logs_check(logs: list, top: tuple[int, str]) -> bool:
+    """The logs of a range read are of the blocks of the chain that ends with block `top` (number, hash): each block
+    holding one is `top`'s ancestor at its height, read from `top` down by parent hashes (`chain.block_below`: a
+    block by its hash is the same whichever backend answers it). UntrustedAnswer otherwise; False when a block of
+    that walk is not found (a node behind: the next pass reads the range again). A load-balanced provider's backend
+    still on a fork a reorg left answers that fork's logs, and a height with its block: checked by its height alone,
+    a dead block in the middle of a range caught up passed, its event stored under a block no reorg check compares
+    with the chain again (the cursor's block being canonical), applied for good. The walk costs one header a block,
+    from `top` down to the lowest block holding a log, once per process (`chain._parent_hash` keeps them), as
+    following the head reads one a block; a range without logs walks nothing."""
+    for number, block_hash in sorted({(log["blockNumber"], chain.hex_text(log["blockHash"]).lower())
+                                      for log in logs}, reverse=True):
+        found = chain.block_below(top, number)
+        if found is None:
+            return False
+        if found.lower() != block_hash:
             raise chain.UntrustedAnswer(f"the node answered logs of block {number} under hash {block_hash:.80}, "
-                                        "not the chain's block at that height")
+                                        f"not the chain's block at that height below block {top[0]}")
+    return True
 
 
 def _range_logs(start: int, end: int) -> list:

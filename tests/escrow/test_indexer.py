@@ -715,3 +715,54 @@ def test_a_stale_backends_block_at_the_cursors_height_does_not_roll_back_what_th
     assert index(capture).rolled_back == 1
     assert funded.agreement(funded.agreement_id)["status"] == "active"
     assert ChainEvent.objects.get(name="SettlementProposed").removed_at is not None
+
+
+def test_a_block_of_a_dead_fork_a_backend_behind_answers_inside_a_caught_up_range_is_not_applied(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """Catching up over more than INDEXER_LOGS_BY_HASH_BLOCKS blocks, the indexer reads them as one eth_getLogs range
+    and checked only that range's last block against the chain (and each log's block by its height). A load-balanced
+    provider's backend that has not followed a reorg answers the range's logs with the seller's proposal of a block
+    the chain dropped in the middle of it, and that height with the dropped block: the proposal was applied, stored
+    under a block no reorg check compares again (the cursor's block is canonical), the agreement in challenge for
+    good. Each block holding logs must be an ancestor of the range's last block, read by parent hashes."""
+    from tests.support.rpc_relay import RpcRelay
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 4)
+    index(capture)
+    before_proposal = chain.snapshot()
+    seller_proposes_directly(funded, chain)
+    proposed_in = chain.block_number()
+    relay = RpcRelay(chain.node.rpc_url).start()
+    dead_block = relay.node("eth_getBlockByNumber", [hex(proposed_in), False])
+    escrow = chain.escrow.address.lower()
+    dead_logs = [log for log in relay.node("eth_getLogs", [{"blockHash": dead_block["hash"]}])
+                 if log["address"].lower() == escrow]
+    assert dead_logs
+    chain.reorg(before_proposal)
+    chain.mine(settings.INDEXER_LOGS_BY_HASH_BLOCKS + 4)  # the next pass reads one range, not block by block
+
+    def escrow_range_holding_the_dead_block(call) -> bool:
+        query = call["params"][0] if call.get("method") == "eth_getLogs" else {}
+        addresses = query.get("address") or []
+        return ([address.lower() for address in ([addresses] if isinstance(addresses, str) else addresses)] == [escrow]
+                and "fromBlock" in query
+                and int(query["fromBlock"], 16) <= proposed_in <= int(query["toBlock"], 16))
+
+    settings.CHAIN_RPC_URL = relay.url
+    relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == hex(proposed_in),
+                  lambda answer: {**answer, "result": dead_block})
+    relay.rewrite(escrow_range_holding_the_dead_block,
+                  lambda answer: {**answer, "result": answer["result"] + dead_logs})
+    try:
+        with pytest.raises(gateway.UntrustedAnswer):
+            index(capture)
+        assert not ChainEvent.objects.filter(name="SettlementProposed").exists(), \
+            "a dead fork's proposal applied from the middle of a range"
+        assert funded.agreement(funded.agreement_id)["status"] == "active"
+        relay.rewrite_none()
+        assert index(capture).indexed_to == chain.block_number()
+    finally:
+        relay.stop()
+    assert funded.agreement(funded.agreement_id)["status"] == "active"
+    assert not ChainEvent.objects.filter(name="SettlementProposed").exists()
