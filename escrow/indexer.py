@@ -22,9 +22,9 @@ transaction, never inside it. On PostgreSQL a session advisory lock also keeps a
 same reads (it goes away with a killed process's connection).
 
 Reorgs: the indexer keeps the hash of every range's last block and of every block with an event. A pass first
-checks the cursor's block; when its hash is no longer canonical, the newest stored block that still is becomes
-the fork point, once the new branch is one chain from it to the confirmation depth above the cursor's height (a
-stale backend's block at that height is no reorg): the events after it are marked removed, and each agreement they touched is moved back to what
+checks the cursor's block; when its hash is no longer canonical, the newest stored block on the new branch (walked
+down by parent hashes from its block at the confirmation depth above the cursor's height) becomes the fork point,
+once the new branch is one chain from it to that depth (a stale backend's block at that height is no reorg): the events after it are marked removed, and each agreement they touched is moved back to what
 its remaining canonical events say (the target of its newest remaining event; with none left, the status it
 had before the first removed one) — only while its status is one a removed event produced, so a step the
 marketplace took on its own since is left alone. Indexing then resumes after the fork point and applies the
@@ -474,19 +474,41 @@ def _follow_reorg(cursor: IndexerCursor) -> tuple[IndexerCursor | None, int]:
     # took its place, so nothing is rolled back; `_fetch` reads nothing from it either, until it has caught up.
     if chain.canonical_block_hash(cursor.last_block) in (cursor.last_block_hash, None):
         return cursor, 0
+    # The fork point: the newest stored block on the branch that replaced the cursor's, read from that branch's block
+    # at the confirmation depth above the cursor's height down by parent hashes (a block by its hash is the same
+    # whichever backend answers it). Asked by height, a load-balanced provider's backend still on another fork
+    # answered a canonical stored block with another: the walk went past it, and events the new branch still holds
+    # were rolled back and applied again (`in_challenge → active → in_challenge`, webhooks sent twice). And a backend
+    # stuck on a branch the chain dropped answers the cursor's height with that branch's block: taken for a reorg,
+    # events the chain holds were rolled back; the walk from the chain's block above finds the cursor's block on it.
+    top_number = cursor.last_block + max(settings.CHAIN_CONFIRMATIONS, 1) - 1
+    top_hashes = chain.canonical_block_hashes(top_number)
+    if top_hashes is None:
+        logger.warning("the indexer's last block answered replaced, by no branch at the confirmation depth yet: not "
+                       "rolled back until it is", extra={"block": cursor.last_block})
+        return cursor, 0
+    top = (top_number, top_hashes[0])
     fork = None
     for block in IndexedBlock.objects.filter(cursor=cursor).order_by("-number"):
-        if chain.canonical_block_hash(block.number) == block.hash:
+        if top_number - block.number > settings.INDEXER_REORG_WINDOW_BLOCKS:
+            break
+        found = chain.block_below(top, block.number)
+        if found is None:  # a block of the walk not found: a node behind; the next pass looks again
+            logger.warning("the branch that replaced the indexer's last block is not all there yet: not rolled back "
+                           "until it is", extra={"block": cursor.last_block})
+            return cursor, 0
+        if found.lower() == block.hash.lower():
             fork = block
             break
     if fork is None:
         raise ReorgTooDeep(f"no block the indexer stored since {cursor.start_block} is canonical any more")
-    # A load-balanced provider's backend stuck on a branch the chain dropped answers the cursor's height with that
-    # branch's block: taken for a reorg, events the chain holds were rolled back. The branch that replaced the
-    # cursor's block must be one chain from the fork point up to the confirmation depth above that height, as the
-    # events were applied at it (blocks of another backend, the chain's, do not descend from the stale one's).
-    if not chain.blocks_above_descend(fork.number, fork.hash,
-                                      depth=cursor.last_block - fork.number + max(settings.CHAIN_CONFIRMATIONS, 1)):
+    if fork.number == cursor.last_block:
+        logger.warning("the indexer's last block answered replaced, by a block the chain at the confirmation depth "
+                       "does not hold: not rolled back", extra={"block": cursor.last_block})
+        return cursor, 0
+    # And the blocks the node answers at each height from the fork point up are that branch, one chain, as they were
+    # when a rollback asked only this: a backend on another branch answering the top alone rolls nothing back.
+    if not chain.blocks_above_descend(fork.number, fork.hash, depth=top_number - fork.number + 1):
         logger.warning("the indexer's last block answered replaced, by no branch at the confirmation depth from the "
                        "fork point: not rolled back until it is", extra={"block": cursor.last_block,
                                                                           "fork_block": fork.number})

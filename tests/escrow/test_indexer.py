@@ -766,3 +766,60 @@ def test_a_block_of_a_dead_fork_a_backend_behind_answers_inside_a_caught_up_rang
         relay.stop()
     assert funded.agreement(funded.agreement_id)["status"] == "active"
     assert not ChainEvent.objects.filter(name="SettlementProposed").exists()
+
+
+def test_a_stale_answer_below_the_fork_point_does_not_roll_back_events_the_new_branch_still_holds(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A reorg replaces the blocks above the indexer's block F (the seller's proposal, below F, stays on the chain).
+    The fork point was found by asking the node each stored block's height, and a load-balanced provider's backend
+    still on another fork answered F and the proposal's height with other blocks once: the walk went past both, to
+    the block below, and the chain check above it, answered by the chain's backends, passed: the proposal was rolled
+    back (the
+    agreement `in_challenge → active`, the metered proxy charging again, webhooks sent) and applied again. The fork
+    point is found walking down from the new branch's block by parent hashes, which every backend answers alike."""
+    from tests.support.rpc_relay import RpcRelay
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 4)
+    index(capture)
+    seller_proposes_directly(funded, chain)
+    proposed_in = chain.block_number()
+    chain.mine(2)
+    index(capture)
+    fork = chain.block_number()
+    before_fork = chain.snapshot()
+    chain.increase_time(7)
+    chain.mine(1)
+    index(capture)
+    assert IndexerCursor.objects.get().last_block == fork + 2
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    chain.revert(before_fork)
+    chain.increase_time(13)  # the new branch: blocks of other times, so other hashes
+    chain.mine(1)
+
+    relay = RpcRelay(chain.node.rpc_url).start()
+    node, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
+    # The stale backend answers the first reads of the fork point's height and of the proposal's: other blocks.
+    stale = {hex(number): {**relay.node("eth_getBlockByNumber", [hex(number), False]), "hash": "0x" + "ab" * 32}
+             for number in (proposed_in, fork)}
+    asked: list = []
+
+    def first_read_of_a_stale_height(call) -> bool:
+        if call.get("method") == "eth_getBlockByNumber" and call["params"][0] in stale:
+            asked.append(call["params"][0])
+            return asked.count(call["params"][0]) == 1
+        return False
+
+    relay.rewrite(first_read_of_a_stale_height,
+                  lambda answer: {**answer, "result": stale[asked[-1]]})
+    try:
+        result = index(capture)
+    finally:
+        relay.stop()
+        settings.CHAIN_RPC_URL = node
+    assert result.rolled_back == 0, "events below the fork point rolled back"
+    assert ChainEvent.objects.get(name="SettlementProposed").removed_at is None
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    assert ("in_challenge", "active") not in statuses(funded.agreement_id)
+    assert index(capture).indexed_to == chain.block_number()
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
