@@ -872,9 +872,17 @@ def blocks_above_descend(number: int, block_hash: str, *, depth: int) -> bool:
     return True
 
 
+# How `revert_reason` begins when the node would not replay the transaction: no reason was read.
+REASON_NOT_READ = "reverted (reason not read"
+
+
 def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:
     """Why a mined transaction reverted: replay it as a call at its block. Raises RpcUnavailable when the node did not
-    answer (a timeout is no reason: the outcome, which may depend on the reason, waits for an answer)."""
+    answer (a timeout is no reason: the outcome, which may depend on the reason, waits for an answer). A node that
+    answers the replay with an error of its own, not a revert (a pruned node without that block's state: geth's
+    "missing trie node", Reth's "state ... is pruned"), gives no reason: the text says so (REASON_NOT_READ), where the
+    node's error, taken for the reason, hid one a domain looks for (an activation's AgreementExists: the escrow
+    funded by a copy was not read, and the agreement failed)."""
     tx = {"from": to_checksum_address(sender), "to": to_checksum_address(to), "data": data}
     try:
         w3().eth.call(tx, block_identifier=block_number)
@@ -882,6 +890,8 @@ def revert_reason(*, sender: str, to: str, data: str, block_number: int) -> str:
         error = classify(exc)
         if isinstance(error, RpcUnavailable):
             raise error from exc
+        if not isinstance(error, Reverted):
+            return f"{REASON_NOT_READ}: the node did not replay it at block {block_number}: {error})"
         return error.args[0] if error.args else "reverted"
     return "reverted (no reason)"
 

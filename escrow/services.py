@@ -307,11 +307,15 @@ def _activation_evidence(tx: ChainTransaction) -> dict:
     (refused at its simulation, `relayer._done_by_a_copy_not_deep_yet`) is asked too: the escrow this buyer signed
     for, funded by a copy, names the copy's block (relayer.EVIDENCE_BLOCK), so that ours is concluded on it only at
     its confirmation depth (concluded at once, a shallow reorg took the escrow of an agreement made active), and
-    reopened when a reorg takes it."""
-    if tx.status == TxStatus.CONFIRMED or (tx.status == TxStatus.FAILED and "AgreementExists" not in tx.failure_reason):
+    reopened when a reorg takes it. One whose revert reason the node did not give (a pruned node refusing to replay
+    it: `chain.REASON_NOT_READ`) is asked too, and is a failure of its own only with no escrow there: taken for one,
+    the agreement failed while a copy's escrow held the buyer's deposit."""
+    reason_not_read = tx.failure_reason.startswith(chain.REASON_NOT_READ)
+    if tx.status == TxStatus.CONFIRMED or (tx.status == TxStatus.FAILED and "AgreementExists" not in tx.failure_reason
+                                           and not reason_not_read):
         return {}
     onchain = selectors.onchain_escrow(agreement=tx.agreement)
-    if tx.status != TxStatus.FAILED and onchain["state"] == selectors.EscrowState.NONE:
+    if (tx.status != TxStatus.FAILED or reason_not_read) and onchain["state"] == selectors.EscrowState.NONE:
         return {}
     differences = intent_differences(tx.agreement, onchain)
     activation = selectors.activation_transaction(agreement=tx.agreement)

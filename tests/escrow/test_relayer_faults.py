@@ -1723,3 +1723,40 @@ def test_a_poll_reads_the_headers_above_a_block_once_for_every_transaction_mined
     assert all(ChainTransaction.objects.get(pk=payout.pk).status == TxStatus.CONFIRMED for payout in payouts)
     above = [number for number in asked if number > block]
     assert sorted(above) == [block + 1, block + 2, block + 3], f"headers above the payouts' block read: {above}"
+
+
+def _replays_refused_as_pruned(rpc_relay, selector: str) -> None:
+    """`eth_call`s of `selector` at a numbered block refused as a node that keeps recent state only does."""
+    def replayed(call) -> bool:
+        if call.get("method") != "eth_call" or not str(call["params"][1]).startswith("0x"):
+            return False
+        asked = call["params"][0]
+        return str(asked.get("data") or asked.get("input") or "").startswith(selector)
+
+    rpc_relay.rewrite(replayed, lambda answer: {"jsonrpc": "2.0", "id": answer.get("id"), "error": {
+        "code": -32000, "message": "missing trie node 6b3c (path ) state 0x6b3c is not available"}})
+
+
+def test_an_activation_a_front_runner_copied_first_is_found_done_on_a_node_that_cannot_replay_its_block(
+        escrow_chain, rpc_relay, http_server, settings, django_capture_on_commit_callbacks):
+    """Our activation reverted AgreementExists after a stranger's copy of it funded the escrow; the node keeps recent
+    state only (a pruned full node, most providers' default), and refuses the replay of our transaction at its
+    block ("missing trie node"). That refusal was taken for the revert's reason: AgreementExists not in it, the
+    escrow was not read, and the agreement was failed ("activation reverted: {'code': -32000, 'message': 'missing
+    trie node ...'}") while the buyer's deposit sat in its escrow, funded. A replay the node refuses gives no reason:
+    the activation's outcome is read from the escrow, and the reason recorded says it was not read."""
+    from tests.escrow.test_front_running import _activation_copied_by_a_front_runner
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
+    parties = Parties(chain, upstream_base_url=http_server.url)
+    agreement, ours = _activation_copied_by_a_front_runner(chain, parties, capture)
+    _replays_refused_as_pruned(rpc_relay, ours.data[:10])
+    chain.mine(3)
+    confirm_all(capture)  # no receipt: the relayer rebroadcasts its bytes, mined now and reverted
+    confirm_all(capture)
+    ours.refresh_from_db()
+    assert ours.status == "failed" and ours.receipt_status == 0
+    shown = parties.agreement(agreement["id"])
+    assert shown["status"] == "active", shown.get("status_reason")
+    assert ours.failure_reason.startswith(gateway.REASON_NOT_READ), ours.failure_reason
