@@ -268,13 +268,20 @@ def event_names() -> list[str]:
 
 
 def _decode(log) -> tuple[str, dict] | None:
-    """(event name, JSON-friendly args) of an escrow event or a token Transfer; None for anything else."""
+    """(event name, JSON-friendly args) of an escrow event or a token Transfer; None for anything else. Raises
+    UntrustedAnswer for a log of one of those events that does not decode as it (a topic too few or too many, its
+    data cut short): the contracts emit none, so the node's answer is refused whole (the pass fails, the error on
+    the cursor), where the decoder's own error ended the pass unrecorded, the indexer stalled with nothing shown."""
     is_escrow = Web3.to_checksum_address(log["address"]) == Web3.to_checksum_address(chainconfig.escrow_address())
     contract = chain.escrow_contract() if is_escrow else chain.token_contract()
     topic0 = chain.hex_text(log["topics"][0]) if log["topics"] else ""
     for abi in contract.abi:
         if abi["type"] == "event" and _topic(abi) == topic0 and (is_escrow or abi["name"] == _TRANSFER):
-            decoded = contract.events[abi["name"]]().process_log(log)
+            try:
+                decoded = contract.events[abi["name"]]().process_log(log)
+            except Exception as error:  # noqa: BLE001 - web3's and eth_abi's errors share no base of their own
+                raise chain.UntrustedAnswer(f"the node answered a {abi['name']} log that does not decode as one "
+                                            f"({type(error).__name__}), in block {log['blockNumber']}") from error
             return abi["name"], chain.to_json(dict(decoded["args"]))
     return None
 

@@ -823,3 +823,37 @@ def test_a_stale_answer_below_the_fork_point_does_not_roll_back_events_the_new_b
     assert ("in_challenge", "active") not in statuses(funded.agreement_id)
     assert index(capture).indexed_to == chain.block_number()
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+
+
+@pytest.mark.parametrize("hostility", ["a_topic_dropped", "a_topic_added", "data_cut_short"])
+def test_an_escrow_log_a_node_answers_malformed_is_refused_as_its_answer_and_shown_on_the_cursor(
+        funded, escrow_chain, monkeypatch, django_capture_on_commit_callbacks, settings, hostility):
+    """A buggy or hostile node answers the seller's proposal with a topic too few or too many (an indexed argument
+    dropped or added) or its data cut short. The log was decoded while the range was applied, and the decoder's error
+    (web3's MismatchedABI, LogTopicError, a decoding error: no chain error) ended the pass unrecorded: the cursor
+    showed no error, the dashboard and `reconcile` nothing, and the indexer stalled at that range. Such an answer is
+    the node's (UntrustedAnswer): refused whole, the error on the cursor, and the honest answer of a later pass
+    applied."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.INDEXER_LOGS_BY_HASH_BLOCKS = 0
+    call_n(funded, 4)
+    index(capture)
+    seller_proposes_directly(funded, chain)
+
+    def malformed(log):
+        if hostility == "a_topic_dropped":
+            return {**log, "topics": list(log["topics"])[:-1]}
+        if hostility == "a_topic_added":
+            return {**log, "topics": [*log["topics"], HexBytes("0x" + "22" * 32)]}
+        return {**log, "data": HexBytes(bytes(log["data"])[:-7])}
+
+    _node_answering_get_logs(monkeypatch, lambda query, honest: [malformed(log) for log in honest(query)])
+    with pytest.raises(gateway.UntrustedAnswer):
+        index(capture)
+    assert IndexerCursor.objects.get().last_error.startswith("UntrustedAnswer")
+    assert funded.agreement(funded.agreement_id)["status"] == "active"
+    assert not ChainEvent.objects.filter(name="SettlementProposed").exists()
+    monkeypatch.undo()
+    index(capture)
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    assert IndexerCursor.objects.get().last_error == ""
