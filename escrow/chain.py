@@ -903,9 +903,11 @@ def to_json(value: Any) -> Any:
 
 # How providers refuse an eth_getLogs over their cap (Infura's -32005 "query returned more than 10000 results",
 # QuickNode's "limited to a 10000 range", geth's "exceed maximum block range", Alchemy's "Log response size exceeded",
-# Ankr's "block range is too wide"); -32005 alone is also some providers' rate limit.
+# Ankr's "block range is too wide", Reth's "query exceeds max results 20000, retry with the range ..." (Base's public
+# RPC), "logs matched by query exceeds limit of 10000"); -32005 alone is also some providers' rate limit.
 _LOG_QUERY_TOO_LARGE = ("query returned more than", "limited to a", "block range", "response size exceeded",
-                        "range is too", "range too", "too many results", "too many logs")
+                        "range is too", "range too", "too many results", "too many logs", "exceeds max results",
+                        "exceeds limit of")
 
 
 def logs(*, address: str, from_block: int, to_block: int, topics: list | None = None) -> list:

@@ -552,12 +552,16 @@ def test_a_node_answering_the_cursors_block_without_its_hash_or_of_another_heigh
 
 @pytest.mark.parametrize("refusal", [(-32005, "query returned more than 10000 results"),
                                      (-32600, "eth_getLogs is limited to a 8 range"),
-                                     (-32000, "exceed maximum block range: 8")],
-                         ids=["too_many_results", "range_limit", "block_range_exceeded"])
+                                     (-32000, "exceed maximum block range: 8"),
+                                     (-32602, "query exceeds max results 20000, retry with the range 24383075-24383096"),
+                                     (-32005, "logs matched by query exceeds limit of 10000")],
+                         ids=["too_many_results", "range_limit", "block_range_exceeded", "reth_max_results",
+                              "results_limit"])
 def test_a_range_the_node_refuses_as_too_large_is_read_in_halves_not_retried_for_ever(
         funded, escrow_chain, settings, django_capture_on_commit_callbacks, refusal):
     """Providers refuse an eth_getLogs whose range or answer is over their cap (Infura's -32005 "query returned
-    more than 10000 results": anyone can fill a range with token transfers of 1 unit to the treasury). The
+    more than 10000 results", Reth's "query exceeds max results 20000", which Base's public RPC answers: anyone can
+    fill a range with token transfers of 1 unit to the treasury). The
     indexer asked the same range at every pass, failing each time: stalled for good, the seller's proposal never
     applied. A range refused as too large is read again in halves, down to one block; no block is skipped."""
     from tests.support.rpc_relay import RpcRelay
