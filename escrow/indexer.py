@@ -127,6 +127,9 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
             if cursor is not None and cursor.last_block != before:
                 relayer.transactions_reopen_reorged()  # after the agreements are back: see the relayer
             safe = _safe_head(result.head)
+            # A range read whole (catching up) is checked to descend from the cursor's block, one header a block read
+            # by hash (`_fetch`): bounded to about one range's worth a pass, the calls a pass makes stay bounded.
+            walked = 0
             while cursor is not None and cursor.next_block <= safe:
                 if max_ranges is not None and result.ranges >= max_ranges:
                     break
@@ -146,9 +149,12 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
                 end_hash, logs = fetched
                 if end == safe and not _confirmed_above(end, end_hash):
                     break  # the head named is not on top of `end`: the next pass reads it again
+                walked += 0 if near_head else end - start + 1  # the headers `_fetch` read by hash: see below
                 cursor = _apply_range(cursor, end, end_hash, logs)
                 result.ranges += 1
                 result.events += sum(log["blockNumber"] >= start for log in logs)
+                if walked >= settings.INDEXER_BLOCK_RANGE:
+                    break  # one range's headers a pass, at most, catching up: the next pass goes on (the beat's)
         except chain.ChainError as error:
             IndexerCursor.objects.filter(pk=cursor_pk).update(last_error=f"{type(error).__name__}: {error}"[:500])
             raise
@@ -173,7 +179,9 @@ def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None 
     the blocks from it are read one by one by hash (`_block_logs`), and only the rescanned ones below as a range.
     Those must be a chain, each block the parent of the next, from the cursor's to `end`'s: a load-balanced
     provider's backend that has not followed a reorg answers a height with the block of the fork the chain left,
-    whose events no reorg check would compare again (the cursor's block being canonical)."""
+    whose events no reorg check would compare again (the cursor's block being canonical). Read as a range, `end`
+    must descend from the cursor's block, and each block holding a log from `end`, walked by parent hashes
+    (`_range_logs_check`)."""
     end_hashes = chain.canonical_block_hashes(end)
     end_hash = None if end_hashes is None else end_hashes[0]
     range_end = end if new_from is None else new_from - 1
@@ -197,6 +205,15 @@ def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None 
     top = (cursor.last_block, cursor.last_block_hash) if new_from is not None and cursor.last_block is not None \
         else (end, end_hash)
     if not _range_logs_check([log for log in logs if new_from is None or log["blockNumber"] < new_from], top):
+        return None
+    # Read as a range, `end` must descend from the cursor's block (read by hash, as the logs' blocks): a backend still
+    # on a branch a reorg dropped answers the cursor's height with its block, hiding the reorg, and the range of the
+    # new branch was applied on top, the dropped branch's events left applied for good.
+    if new_from is None and cursor.last_block is not None and end - cursor.last_block <= \
+            settings.INDEXER_REORG_WINDOW_BLOCKS and (
+            (chain.block_below((end, end_hash), cursor.last_block) or "").lower() != cursor.last_block_hash.lower()):
+        logger.warning("the indexer's range does not descend from its last block: a reorg not seen yet, or a node "
+                       "behind; read again at the next pass", extra={"block": cursor.last_block, "end": end})
         return None
     unique = {(chain.hex_text(log["blockHash"]), log["logIndex"]): log for log in logs}  # a transfer may match both queries
     return end_hash, sorted(unique.values(), key=lambda log: (log["blockNumber"], log["logIndex"]))

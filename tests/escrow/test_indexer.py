@@ -861,3 +861,47 @@ def test_an_escrow_log_a_node_answers_malformed_is_refused_as_its_answer_and_sho
     index(capture)
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
     assert IndexerCursor.objects.get().last_error == ""
+
+
+def test_a_reorg_below_the_cursor_a_stale_backend_hides_is_not_skipped_while_catching_up(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """A reorg takes the seller's proposal and the indexer's last block with it; the indexer is then more than
+    INDEXER_LOGS_BY_HASH_BLOCKS behind, so it reads the next range as one eth_getLogs. A load-balanced provider's
+    backend still on the dropped branch answers the cursor's height with the dropped block: no reorg seen, and the
+    range, whose last block and logs are the chain's, was applied on top: the cursor moved past the fork on the new
+    branch, and the dropped proposal stayed applied for good (no reorg check compares its block again). The range's
+    last block must descend from the cursor's, walked by parent hashes: else nothing is applied, and once the node's
+    answers agree the reorg is followed."""
+    from tests.support.rpc_relay import RpcRelay
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    call_n(funded, 4)
+    index(capture)
+    before_proposal = chain.snapshot()
+    seller_proposes_directly(funded, chain)
+    index(capture)
+    cursor_block = IndexerCursor.objects.get().last_block
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    relay = RpcRelay(chain.node.rpc_url).start()
+    dropped = relay.node("eth_getBlockByNumber", [hex(cursor_block), False])
+    chain.revert(before_proposal)
+    chain.increase_time(11)  # the new branch: blocks of other times
+    chain.mine(settings.INDEXER_LOGS_BY_HASH_BLOCKS + 4)
+
+    node, settings.CHAIN_RPC_URL = settings.CHAIN_RPC_URL, relay.url
+    relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == hex(cursor_block),
+                  lambda answer: {**answer, "result": dropped})
+    try:
+        try:
+            index(capture)
+        except gateway.ChainError:
+            pass
+        assert IndexerCursor.objects.get().last_block == cursor_block, "a range applied past a reorg not followed"
+        relay.rewrite_none()
+        assert index(capture).rolled_back == 1
+    finally:
+        relay.stop()
+        settings.CHAIN_RPC_URL = node
+    assert funded.agreement(funded.agreement_id)["status"] == "active"
+    assert ChainEvent.objects.get(name="SettlementProposed").removed_at is not None
+    assert index(capture).indexed_to == chain.block_number()
