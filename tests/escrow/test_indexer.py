@@ -905,3 +905,19 @@ def test_a_reorg_below_the_cursor_a_stale_backend_hides_is_not_skipped_while_cat
     assert funded.agreement(funded.agreement_id)["status"] == "active"
     assert ChainEvent.objects.get(name="SettlementProposed").removed_at is not None
     assert index(capture).indexed_to == chain.block_number()
+
+
+def test_logs_a_node_answers_duplicated_and_out_of_order_are_applied_once_in_the_chains_order(
+        funded, escrow_chain, monkeypatch, django_capture_on_commit_callbacks, settings):
+    """A node answering every eth_getLogs with each log twice, newest first: the seller's proposal is stored and
+    applied once, and the cursor moves on."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.INDEXER_LOGS_BY_HASH_BLOCKS = 0
+    call_n(funded, 4)
+    index(capture)
+    seller_proposes_directly(funded, chain)
+    _node_answering_get_logs(monkeypatch, lambda query, honest: list(reversed(honest(query))) * 2)
+    assert index(capture).indexed_to == chain.block_number()
+    assert ChainEvent.objects.filter(name="SettlementProposed").count() == 1
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    assert statuses(funded.agreement_id).count(("active", "in_challenge")) == 1
