@@ -183,7 +183,7 @@ class ApiKeyAdmin(CredentialAdmin):
     list_filter = (CredentialStatusFilter, "scope")
     search_fields = ("prefix", "name", "agent__handle")
     list_select_related = ("agent",)
-    fields = ("agent", "scope", *CREDENTIAL_FIELDS)
+    fields = ("agent", "scope", *CREDENTIAL_FIELDS, "issued_with")  # the owner token whose revocation revokes it
     readonly_fields = fields
 
 
@@ -193,7 +193,7 @@ class OwnerTokenAdmin(CredentialAdmin):
     list_filter = (CredentialStatusFilter, "scope")
     search_fields = ("prefix", "name", "owner__username", "owner__email")
     list_select_related = ("owner",)
-    fields = ("owner", "scope", *CREDENTIAL_FIELDS)
+    fields = ("owner", "scope", *CREDENTIAL_FIELDS, "issued_with")  # the token whose revocation revokes it
     readonly_fields = fields
 
 

@@ -122,6 +122,10 @@ class ApiKey(BearerSecret):
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="api_keys")
     scope = models.CharField(max_length=8, choices=KeyScope.choices, default=KeyScope.PAY)
     scope_rank = SCOPE_RANK
+    # The owner token the key was issued with (None: an operator's command, an admin session, or issued before this
+    # was recorded): revoking that token revokes the key (catalog.services.credential_revoke).
+    issued_with = models.ForeignKey("OwnerToken", null=True, blank=True, editable=False, on_delete=models.SET_NULL,
+                                    related_name="issued_keys")
 
     class Meta:
         verbose_name = "API key"
@@ -144,6 +148,10 @@ class OwnerToken(BearerSecret):
     # Tokens issued before scopes existed could do everything: they keep `admin`.
     scope = models.CharField(max_length=8, choices=OwnerScope.choices, default=OwnerScope.ADMIN)
     scope_rank = OWNER_SCOPE_RANK
+    # The token this one was issued with (None: an operator's command, an admin session, or issued before this was
+    # recorded): revoking that token revokes this one, and what this one issued (catalog.services.credential_revoke).
+    issued_with = models.ForeignKey("self", null=True, blank=True, editable=False, on_delete=models.SET_NULL,
+                                    related_name="issued_tokens")
 
     class Meta:
         indexes = [models.Index(fields=["owner", "-created_at", "-id"], name="catalog_ownertoken_listing")]

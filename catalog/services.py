@@ -11,6 +11,7 @@ from django.core import checks
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Exists, F, OuterRef, ProtectedError, Q
 from django.utils import timezone
+from rest_framework.exceptions import AuthenticationFailed
 
 from catalog import selectors
 from catalog.models import (
@@ -231,14 +232,28 @@ def agent_reactivation_check(*, agent: Agent, operator) -> None:
         _wallet_proven_by_another_owner_refuse(owner=agent.owner, wallet_address=agent.wallet_address)
 
 
-def api_key_issue(*, agent: Agent, scope: str = KeyScope.PAY, name: str = "",
-                  expires_at: datetime | None = None) -> IssuedCredential:
+def _issuer_live_require(issued_with: OwnerToken | None) -> None:
+    """401 `credentials_revoked` when the token a request authenticated with was revoked since: its row, locked in
+    the issuing transaction, orders the issue and the revocation, so the revocation (`credential_revoke`) sees what
+    was issued before it and nothing is issued after it."""
+    if issued_with is None:
+        return
+    live = OwnerToken.objects.select_for_update().filter(pk=issued_with.pk, revoked_at=None)
+    if live.values_list("pk", flat=True).first() is None:
+        raise AuthenticationFailed("These credentials were revoked.", code="credentials_revoked")
+
+
+def api_key_issue(*, agent: Agent, scope: str = KeyScope.PAY, name: str = "", expires_at: datetime | None = None,
+                  issued_with: OwnerToken | None = None) -> IssuedCredential:
+    """A key of `agent`'s; `issued_with` the owner token the request was made with (None: an operator's command, an
+    admin session): revoking that token revokes the key."""
     if expires_at is not None and expires_at <= timezone.now():
         raise InvalidInput("expires_at must be in the future.", code="expiry_in_past")
     issued = issue_secret("mk")
     with transaction.atomic():
         # The agent's row, locked, orders two issues at once, so neither passes the count the other makes.
         Agent.objects.select_for_update().filter(pk=agent.pk).first()
+        _issuer_live_require(issued_with)
         now = timezone.now()
         live = agent.api_keys.filter(Q(expires_at=None) | Q(expires_at__gt=now), revoked_at=None).count()
         if live >= settings.API_KEYS_PER_AGENT:
@@ -246,7 +261,7 @@ def api_key_issue(*, agent: Agent, scope: str = KeyScope.PAY, name: str = "",
                            code="api_key_limit_reached", details={"max_keys": settings.API_KEYS_PER_AGENT})
         key = ApiKey.objects.create(
             agent=agent, scope=scope, name=name, expires_at=expires_at, prefix=issued.prefix,
-            secret_digest=issued.digest,
+            secret_digest=issued.digest, issued_with=issued_with,
         )
     return IssuedCredential(credential=key, secret=issued.plaintext)
 
@@ -255,7 +270,8 @@ def owner_token_issue(*, owner: AbstractBaseUser, scope: str, name: str = "", ex
                       issued_with: OwnerToken | None = None) -> IssuedCredential:
     """A token of `owner`'s; `issued_with` the token the request was made with (None: an operator's command, an
     admin session). A token does not outlive the one that issued it: one given for a day would otherwise mint one
-    for ever. Without `expires_at` it ends with its issuer; a later one is 400 `expiry_beyond_issuer`."""
+    for ever. Without `expires_at` it ends with its issuer; a later one is 400 `expiry_beyond_issuer`. Nor does it
+    survive its issuer's revocation (`credential_revoke`)."""
     if expires_at is not None and expires_at <= timezone.now():
         raise InvalidInput("expires_at must be in the future.", code="expiry_in_past")
     latest = issued_with.expires_at if issued_with is not None else None
@@ -269,6 +285,7 @@ def owner_token_issue(*, owner: AbstractBaseUser, scope: str, name: str = "", ex
         # The owner's row, locked, orders two issues at once, so neither passes the count the other makes. Through
         # the user model: an admin session's user is a lazy object, whose class has no manager.
         get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+        _issuer_live_require(issued_with)
         now = timezone.now()
         live = OwnerToken.objects.filter(Q(expires_at=None) | Q(expires_at__gt=now), owner=owner,
                                          revoked_at=None).count()
@@ -276,15 +293,33 @@ def owner_token_issue(*, owner: AbstractBaseUser, scope: str, name: str = "", ex
             raise Conflict(f"You already hold {live} live owner tokens; revoke one first.",
                            code="owner_token_limit_reached", details={"max_tokens": settings.OWNER_TOKENS_PER_OWNER})
         token = OwnerToken.objects.create(owner=owner, scope=scope, name=name, expires_at=expires_at,
-                                          prefix=issued.prefix, secret_digest=issued.digest)
+                                          prefix=issued.prefix, secret_digest=issued.digest, issued_with=issued_with)
     return IssuedCredential(credential=token, secret=issued.plaintext)
 
 
 def credential_revoke(*, credential: ApiKey | OwnerToken) -> ApiKey | OwnerToken:
-    """Idempotent: revoking twice keeps the first revocation time."""
-    type(credential).objects.filter(pk=credential.pk, revoked_at=None).update(revoked_at=timezone.now())
+    """Idempotent: revoking twice keeps the first revocation time. An owner token's revocation is also, in the same
+    transaction and at the same time, that of every owner token issued with it, of theirs in turn, and of the agent
+    API keys any of them issued: a leaked token's is that of what its thief minted with it. (Owner tokens are read
+    on every request, so they stop at once; keys within CREDENTIAL_CACHE_SECONDS, as any revoked key.)"""
+    with transaction.atomic():
+        now = timezone.now()
+        type(credential).objects.filter(pk=credential.pk, revoked_at=None).update(revoked_at=now)
+        if isinstance(credential, OwnerToken):
+            _issued_revoke(issuer_id=credential.pk, now=now)
     credential.refresh_from_db(fields=["revoked_at"])
     return credential
+
+
+def _issued_revoke(*, issuer_id: int, now: datetime) -> None:
+    """Revoke what the token `issuer_id` issued, and what that issued, a generation at a time. Through tokens
+    already revoked too: a second revocation revokes what a first one missed (tokens issued before issuers were
+    recorded have none: they are nobody's)."""
+    issuers = [issuer_id]
+    while issuers:
+        ApiKey.objects.filter(issued_with__in=issuers, revoked_at=None).update(revoked_at=now)
+        issuers = list(OwnerToken.objects.filter(issued_with__in=issuers).values_list("pk", flat=True))
+        OwnerToken.objects.filter(pk__in=issuers, revoked_at=None).update(revoked_at=now)
 
 
 def api_keys_expire(*, now: datetime | None = None) -> int:

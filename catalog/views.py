@@ -161,7 +161,9 @@ class AgentApiKeysView(APIView):
         agent = selectors.agent_get(agent_id=agent_id, owner=request.user)
         body = ApiKeyCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        issued = services.api_key_issue(agent=agent, **body.validated_data)
+        issued = services.api_key_issue(
+            agent=agent, issued_with=request.auth if isinstance(request.auth, OwnerToken) else None,
+            **body.validated_data)
         # Keys are kept as digests only: no row keeps the secret for a replay.
         return shown_once(Response(_key_payload(issued.credential, issued.secret), status=status.HTTP_201_CREATED),
                           "secret")
@@ -229,6 +231,9 @@ class OwnerTokenRevokeView(APIView):
 
     @extend_schema(operation_id="owner_tokens_revoke",
                    summary="Revoke an owner token (owner: `admin` scope, or any token revoking itself); idempotent",
+                   description="Revokes also, at once, every owner token issued with it (and theirs in turn) and "
+                               "every agent API key any of them issued: what was minted with a leaked token dies "
+                               "with it.",
                    request=None, responses={200: OwnerTokenSerializer, **error_responses(404)}, tags=["owners"],
                    auth=OWNER)
     def post(self, request, token_id):

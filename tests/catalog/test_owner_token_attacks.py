@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 from django.utils import timezone
+from rest_framework.exceptions import AuthenticationFailed
 
 from agreements.models import UsageAgreement
 from catalog import services
@@ -70,7 +71,7 @@ def test_a_token_lists_no_secret_nor_digest_of_any_token(owner, owner_api):
     assert listed.status_code == 200 and len(listed.json()["results"]) == 4
     text = listed.content.decode()
     for secret in secrets:
-        assert secret not in text and secret.rsplit("_", 1)[1] not in text and digest_secret(secret) not in text
+        assert secret not in text and secret.split("_", 2)[2] not in text and digest_secret(secret) not in text
     assert {field for token in listed.json()["results"] for field in token} == {
         "id", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at", "is_this_token"}
 
@@ -230,3 +231,60 @@ def test_two_issues_at_once_hold_the_live_token_bound(owner, owner_api, settings
                                 for name in ("one", "two")})
     assert sorted(answer.status_code for answer in answers.values()) == [201, 409]
     assert OwnerToken.objects.filter(owner=owner, revoked_at=None).count() == 2
+
+
+def test_revoking_a_token_revokes_every_token_and_agent_key_issued_from_it_at_once(owner_api, buyer):
+    """A leaked token's revocation kills what the thief minted with it: its tokens, theirs in turn, and the agent
+    keys any of them issued. What the owner issued otherwise lives on; revoking again changes nothing."""
+    parent = issued(owner_api, "admin")
+    parent_api = Api(parent["secret"])
+    child = issued(parent_api, "admin")
+    child_api = Api(child["secret"])
+    grandchild_api = Api(issued(child_api, "read")["secret"])
+    keys = [api.post(f"/agents/{buyer.pk}/api-keys", {"scope": "pay"}).json()["secret"]
+            for api in (parent_api, child_api, owner_api)]
+    sibling_api = Api(issued(owner_api, "read")["secret"])
+    assert grandchild_api.get("/owner-tokens").status_code == 200
+    assert Api(keys[1]).get("/agents/me").status_code == 200
+
+    revoked = owner_api.post(f"/owner-tokens/{parent['id']}/revoke")
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+
+    for api in (parent_api, child_api, grandchild_api):
+        refused = api.get("/owner-tokens")
+        assert refused.status_code == 401 and error_code(refused) == "credentials_revoked", refused.content
+    for key in keys[:2]:
+        refused = Api(key).get("/agents/me")
+        assert refused.status_code == 401 and error_code(refused) == "credentials_revoked", refused.content
+    assert Api(keys[2]).get("/agents/me").status_code == 200
+    assert sibling_api.get("/owner-tokens").status_code == 200 and owner_api.get("/owner-tokens").status_code == 200
+    again = owner_api.post(f"/owner-tokens/{parent['id']}/revoke")
+    assert again.status_code == 200 and again.json()["revoked_at"] == revoked.json()["revoked_at"]
+    child_revoked_at = OwnerToken.objects.get(pk=child["id"]).revoked_at
+    assert child_revoked_at is not None and OwnerToken.objects.filter(revoked_at=child_revoked_at).count() == 3
+
+
+def test_a_token_revoking_itself_revokes_what_it_issued_not_its_issuer(owner_api):
+    parent_api = Api(issued(owner_api, "admin")["secret"])
+    child = issued(parent_api, "admin")
+    child_api = Api(child["secret"])
+    grandchild_api = Api(issued(child_api, "approve")["secret"])
+    assert child_api.post(f"/owner-tokens/{child['id']}/revoke").status_code == 200
+    refused = grandchild_api.get("/owner-tokens")
+    assert refused.status_code == 401 and error_code(refused) == "credentials_revoked"
+    assert parent_api.get("/owner-tokens").status_code == 200
+
+
+def test_a_token_revoked_while_it_issues_issues_nothing(owner, buyer):
+    """Authenticated just before its revocation committed, a token's issue is refused in the issuing transaction:
+    nothing outlives the revocation that missed it."""
+    issuer = services.owner_token_issue(owner=owner, scope="admin").credential
+    stale = OwnerToken.objects.get(pk=issuer.pk)  # as the request authenticated it, unrevoked
+    services.credential_revoke(credential=issuer)
+    tokens, keys = OwnerToken.objects.count(), buyer.api_keys.count()
+    with pytest.raises(AuthenticationFailed) as refused:
+        services.owner_token_issue(owner=owner, scope="read", issued_with=stale)
+    assert refused.value.get_codes() == "credentials_revoked"
+    with pytest.raises(AuthenticationFailed):
+        services.api_key_issue(agent=buyer, issued_with=stale)
+    assert OwnerToken.objects.count() == tokens and buyer.api_keys.count() == keys
