@@ -50,8 +50,10 @@ def _revoke(modeladmin, request, credentials) -> None:
         services.credential_revoke(credential=credential)
         modeladmin.log_change(request, credential, "Revoked")  # who shut it out, in the row's admin history
         count += 1
-    messages.success(request, f"Revoked {count} credential(s); they stop working within "
-                             f"{settings.CREDENTIAL_CACHE_SECONDS} s (CREDENTIAL_CACHE_SECONDS).")
+    # An owner token's revocation is also that of the tokens and agent keys issued with it (credential_revoke):
+    # whoever revokes a leaked token revokes what was minted with it, whatever else they may change.
+    messages.success(request, f"Revoked {count} credential(s), and any an owner token among them issued; they stop "
+                             f"working within {settings.CREDENTIAL_CACHE_SECONDS} s (CREDENTIAL_CACHE_SECONDS).")
 
 
 @admin.action(description="Revoke selected credentials", permissions=["revoke"])

@@ -389,3 +389,22 @@ def test_deregistering_services_across_pages_deregisters_none_the_operator_has_n
     assert Service.objects.get(pk=unseen.pk).state == ServiceState.REGISTERED
     assert Service.objects.get(pk=seen.pk).state == ServiceState.REGISTERED
     assert "Tick the rows" in page.content.decode()
+
+
+def test_revoking_an_owner_token_in_the_admin_revokes_what_was_issued_with_it(operator, catalog, owner, buyer):
+    """As the API's revocation: the tokens issued with it (theirs in turn) and the agent keys they issued."""
+    token = OwnerToken.objects.get(owner=owner)
+    parent = Api(catalog["tokens"]["owner"])
+    child = parent.post("/owner-tokens", {"scope": "admin"}).json()["secret"]
+    key = Api(child).post(f"/agents/{buyer.pk}/api-keys", {"scope": "pay"}).json()["secret"]
+    assert Api(key).get("/agents/me").status_code == 200
+
+    _run_action(operator, OwnerToken, "revoke_credentials", [token])
+
+    for secret, path in ((child, "/agents"), (key, "/agents/me")):
+        response = Api(secret).get(path)
+        assert response.status_code == 401 and error_code(response) == "credentials_revoked"
+    assert Api(catalog["tokens"]["other"]).get("/agents").status_code == 200
+    page = operator.get(_url(ApiKey, "change", ApiKey.objects.get(agent=buyer).pk))
+    assert page.status_code == 200 and OwnerToken.objects.get(name="", owner=owner, issued_with=token).prefix in (
+        page.content.decode())
