@@ -88,6 +88,9 @@ class ApiKeySerializer(serializers.Serializer):
     expires_at = serializers.DateTimeField(allow_null=True)
     revoked_at = serializers.DateTimeField(allow_null=True)
     last_used_at = serializers.DateTimeField(allow_null=True)
+    issued_with = serializers.IntegerField(allow_null=True, help_text=(
+        "The id of the owner token this was issued with: revoking that token revoked, or revokes, this too. Null "
+        "when an operator issued it (or an admin session), or it was issued before issuers were recorded."))
 
 
 class ApiKeyListQuery(PageQuerySerializer, StrictSerializer):

@@ -78,8 +78,9 @@ def _agent_payload(agent) -> dict:
 
 def _credential_fields(credential) -> dict:
     """What an API key or an owner token shows of itself (never its digest)."""
-    return {f: getattr(credential, f)
-            for f in ("id", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at")}
+    return {**{f: getattr(credential, f)
+               for f in ("id", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at")},
+            "issued_with": credential.issued_with_id}
 
 
 def _key_payload(key, secret: str | None = None) -> dict:

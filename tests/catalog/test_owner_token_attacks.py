@@ -73,7 +73,8 @@ def test_a_token_lists_no_secret_nor_digest_of_any_token(owner, owner_api):
     for secret in secrets:
         assert secret not in text and secret.split("_", 2)[2] not in text and digest_secret(secret) not in text
     assert {field for token in listed.json()["results"] for field in token} == {
-        "id", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at", "is_this_token"}
+        "id", "name", "prefix", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at", "is_this_token",
+        "issued_with"}
 
 
 def test_a_guessed_secret_of_a_real_prefix_is_refused_as_an_unknown_one(owner_api):
@@ -246,6 +247,10 @@ def test_revoking_a_token_revokes_every_token_and_agent_key_issued_from_it_at_on
     sibling_api = Api(issued(owner_api, "read")["secret"])
     assert grandchild_api.get("/owner-tokens").status_code == 200
     assert Api(keys[1]).get("/agents/me").status_code == 200
+
+    assert child["issued_with"] == parent["id"] and parent["issued_with"] is not None
+    listed = owner_api.get(f"/agents/{buyer.pk}/api-keys").json()["results"]
+    assert sorted(key["issued_with"] for key in listed) == sorted([parent["id"], child["id"], parent["issued_with"]])
 
     revoked = owner_api.post(f"/owner-tokens/{parent['id']}/revoke")
     assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
