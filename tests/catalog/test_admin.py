@@ -408,3 +408,22 @@ def test_revoking_an_owner_token_in_the_admin_revokes_what_was_issued_with_it(op
     page = operator.get(_url(ApiKey, "change", ApiKey.objects.get(agent=buyer).pk))
     assert page.status_code == 200 and OwnerToken.objects.get(name="", owner=owner, issued_with=token).prefix in (
         page.content.decode())
+
+
+HOSTILE = '<script>alert(1)</script><img src=x onerror=alert(2)>'
+
+
+@pytest.mark.parametrize("model", CATALOG_MODELS, ids=lambda m: m.__name__)
+def test_what_agents_and_owners_name_is_shown_escaped_on_every_catalog_page(operator, owner, buyer, seller, model):
+    """Names an agent or its owner chooses (a key's, a token's, a service's and its description, its skill's, a tag)
+    reach the operators' pages as text, never as markup: no script of theirs runs in an operator's session."""
+    owner_api = Api(issue_owner_token(owner))
+    assert owner_api.post(f"/agents/{buyer.pk}/api-keys", {"name": HOSTILE[:100]}).status_code == 201
+    assert owner_api.post("/owner-tokens", {"name": HOSTILE[:100]}).status_code == 201
+    register_service(seller, name=HOSTILE, description=HOSTILE, tags=["x<b>y"],
+                     skills=[{"name": "translate", "description": HOSTILE}])
+    type(buyer).objects.filter(pk=buyer.pk).update(display_name=HOSTILE)  # as saved before the API's rule
+    for row in model.objects.all():
+        for page in (_url(model, "changelist"), _url(model, "change", row.pk)):
+            html = operator.get(page).content.decode()
+            assert "<script>alert" not in html and "<img src=x" not in html and "<b>y" not in html, page

@@ -2,6 +2,7 @@
 action that moves money names who ran it."""
 
 import io
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -1024,3 +1025,32 @@ def test_an_agent_is_not_reactivated_onto_a_wallet_another_owner_has_proven_sinc
 
     assert refused.status_code == 200 and "wallet_taken" in refused.content.decode()
     assert not Agent.objects.get(pk=dormant.pk).is_active
+
+
+def test_staff_who_may_only_view_are_offered_no_action_and_change_nothing_through_one(settings, seller, owner):
+    """Every model's admin, as staff holding every view permission and nothing more: no action is offered on any
+    change list (each custom action asks its change permission), and posting one's name anyway changes no row."""
+    from django.contrib import admin
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    viewer = get_user_model().objects.create_user("viewer", "viewer@example.com", "viewer-password", is_staff=True)
+    viewer.user_permissions.add(*Permission.objects.filter(codename__startswith="view_"))
+    client = operator_client("viewer", "viewer-password")
+    issue_key(seller)
+    issue_owner_token(owner)
+    for model, model_admin in admin.site._registry.items():
+        page = f"/admin/{model._meta.app_label}/{model._meta.model_name}/"
+        listed = client.get(page)
+        assert listed.status_code == 200, page
+        assert listed.context["action_form"] is None, (page, listed.context["action_form"].fields["action"].choices)
+        rows = list(model.objects.values_list("pk", flat=True)[:5])
+        if not rows:
+            continue
+        before = list(model.objects.order_by("pk").values())
+        for action in [*(getattr(a, "__name__", a) for a in model_admin.actions or ()), "delete_selected"]:
+            response = client.post(page, {"action": action, ACTION_CHECKBOX_NAME: [str(pk) for pk in rows]})
+            assert response.status_code in (200, 302, 403), (page, action)
+        assert list(model.objects.order_by("pk").values()) == before, page
+    resolve = f"/admin/escrow/dispute/{uuid.uuid4()}/resolve/"  # the admin's one custom view that writes
+    assert client.get(resolve).status_code == 403
+    assert client.post(resolve, {"seller_amount_atomic": 0}).status_code == 403
