@@ -959,3 +959,17 @@ def test_a_login_with_a_username_longer_than_any_is_refused_not_a_500(username):
     to the admin's login form, was a 500 (DataError, value too long) instead of the form's refusal."""
     response = log_in(Client(), username, "wrong", "123456")
     assert response.status_code == 200 and b"errornote" in response.content
+
+
+@pytest.mark.parametrize("next_page", ["https://evil.example/admin/", "//evil.example/", "/\\evil.example/",
+                                       "javascript:alert(1)", "https:evil.example"])
+def test_a_login_sends_the_operator_to_no_other_site_whatever_next_says(staff, next_page):
+    """`?next=` after the password and the code leads to a page of this site only (no open redirect that a phishing
+    link carrying the real login page could use)."""
+    client = Client()
+    response = client.post(f"/admin/login/?next={next_page}", {
+        "username": "operator", "password": PASSWORD, "otp_token": code(enrol("operator")), "next": next_page})
+    assert response.status_code == 302 and response.url.startswith("/") and not response.url.startswith("//"), (
+        response.url)
+    assert "evil" not in response.url and "javascript" not in response.url
+    assert client.get("/admin/").status_code == 200
