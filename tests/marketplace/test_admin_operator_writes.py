@@ -6,10 +6,12 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.conf import settings as django_settings
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.test import Client
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
@@ -1054,3 +1056,32 @@ def test_staff_who_may_only_view_are_offered_no_action_and_change_nothing_throug
     resolve = f"/admin/escrow/dispute/{uuid.uuid4()}/resolve/"  # the admin's one custom view that writes
     assert client.get(resolve).status_code == 403
     assert client.post(resolve, {"seller_amount_atomic": 0}).status_code == 403
+
+
+def test_an_operators_session_writes_nothing_from_another_site_without_the_csrf_token(settings, seller, owner):
+    """A page elsewhere making the operator's browser post (their session cookie goes along) runs no admin action,
+    no dispute resolution, and nothing in the API a session acts in (an owner token issued or revoked)."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    get_user_model().objects.create_superuser("operator", "operator@example.com", "operator-password")
+    logged_in = operator_client("operator", "operator-password")
+    browser = Client(enforce_csrf_checks=True)
+    browser.cookies[django_settings.SESSION_COOKIE_NAME] = logged_in.cookies[django_settings.SESSION_COOKIE_NAME].value
+    assert browser.get("/admin/").status_code == 200  # the session itself is good
+    issue_key(seller)
+    key = ApiKey.objects.get(agent=seller)
+    token = OwnerToken.objects.get(pk=OwnerToken.objects.create(
+        owner=get_user_model().objects.get(username="operator"), prefix="csrftest01", secret_digest="0" * 64).pk)
+
+    revoke = browser.post("/admin/catalog/apikey/", {"action": "revoke_credentials", ACTION_CHECKBOX_NAME: [key.pk]})
+    assert revoke.status_code == 403
+    assert browser.post(f"/admin/escrow/dispute/{uuid.uuid4()}/resolve/", {"seller_amount_atomic": 0}).status_code == 403
+    tokens = OwnerToken.objects.count()
+    issued = browser.post("/owner-tokens", {"scope": "admin"}, content_type="application/json")
+    assert issued.status_code == 403, issued.content
+    revoked = browser.post(f"/owner-tokens/{token.pk}/revoke", content_type="application/json")
+    assert revoked.status_code == 403, revoked.content
+    key.refresh_from_db()
+    token.refresh_from_db()
+    assert key.revoked_at is None and token.revoked_at is None and OwnerToken.objects.count() == tokens
+    # The same session, from the admin's own pages (the test client's CSRF check off), does revoke it.
+    assert logged_in.post(f"/owner-tokens/{token.pk}/revoke", content_type="application/json").status_code == 200
