@@ -293,3 +293,22 @@ def test_a_token_revoked_while_it_issues_issues_nothing(owner, buyer):
     with pytest.raises(AuthenticationFailed):
         services.api_key_issue(agent=buyer, issued_with=stale)
     assert OwnerToken.objects.count() == tokens and buyer.api_keys.count() == keys
+
+
+def test_a_token_past_its_expiry_ends_the_tokens_it_issued_and_revoked_then_its_keys_too(owner_api, buyer):
+    """Expiry is routine: the tokens a token issued end with it (they cannot outlive it), the agent keys it issued do
+    not. Found leaked afterwards, it is revoked all the same (the sweep marked it revoked): its keys then end."""
+    parent = issued(owner_api, "admin", expires_at=(timezone.now() + timedelta(hours=1)).isoformat())
+    parent_api = Api(parent["secret"])
+    child_api = Api(issued(parent_api, "read")["secret"])
+    key = parent_api.post(f"/agents/{buyer.pk}/api-keys", {"scope": "pay"}).json()["secret"]
+    OwnerToken.objects.filter(pk=parent["id"]).update(expires_at=timezone.now() - timedelta(seconds=1))
+    OwnerToken.objects.filter(issued_with=parent["id"]).update(expires_at=timezone.now() - timedelta(seconds=1))
+    services.api_keys_expire()
+    assert OwnerToken.objects.get(pk=parent["id"]).revoked_at is not None  # the sweep's
+    assert child_api.get("/owner-tokens").status_code == 401
+    assert Api(key).get("/agents/me").status_code == 200
+
+    assert owner_api.post(f"/owner-tokens/{parent['id']}/revoke").status_code == 200
+    refused = Api(key).get("/agents/me")
+    assert refused.status_code == 401 and error_code(refused) == "credentials_revoked"
