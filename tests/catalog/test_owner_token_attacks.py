@@ -312,3 +312,25 @@ def test_a_token_past_its_expiry_ends_the_tokens_it_issued_and_revoked_then_its_
     assert owner_api.post(f"/owner-tokens/{parent['id']}/revoke").status_code == 200
     refused = Api(key).get("/agents/me")
     assert refused.status_code == 401 and error_code(refused) == "credentials_revoked"
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_what_a_token_issues_while_it_is_revoked_is_refused_or_revoked_with_it(owner, owner_api, buyer):
+    """A thief's token minting while the owner revokes it: each issue is refused (401) or revoked with it; nothing
+    it issued outlives the revocation, whichever commits first."""
+    parent = issued(owner_api, "admin")
+    thief = parent["secret"]
+    answers = answered_at_once({
+        "revoke": lambda: Api(owner_api.secret).post(f"/owner-tokens/{parent['id']}/revoke"),
+        "token": lambda: Api(thief).post("/owner-tokens", {"scope": "admin"}),
+        "key": lambda: Api(thief).post(f"/agents/{buyer.pk}/api-keys", {"scope": "pay"}),
+    })
+    assert answers["revoke"].status_code == 200
+    assert {answers["token"].status_code, answers["key"].status_code} <= {201, 401}, [
+        answer.content for answer in answers.values()]
+    assert not OwnerToken.objects.filter(issued_with=parent["id"], revoked_at=None).exists()
+    assert not buyer.api_keys.filter(issued_with=parent["id"], revoked_at=None).exists()
+    for name, path in (("token", "/owner-tokens"), ("key", "/agents/me")):
+        if answers[name].status_code == 201:
+            assert Api(answers[name].json()["secret"]).get(path).status_code == 401
