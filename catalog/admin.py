@@ -217,8 +217,12 @@ def deregister_services(modeladmin, request, queryset):
     if across_pages_refused(request, "deregister"):
         return
     count = 0
-    for service in queryset.filter(state=ServiceState.REGISTERED):
-        services.service_deregister(service=service, actor=None)
+    for service in queryset.filter(state=ServiceState.REGISTERED).select_related("seller"):
+        try:
+            services.service_deregister(service=service, actor=None, operator=request.user)
+        except ApplicationError as refused:
+            messages.error(request, f"{service.name}: {refused.message} ({refused.code})")
+            continue
         modeladmin.log_change(request, service, "Deregistered")
         count += 1
     messages.success(request, f"Deregistered {count} service(s).")

@@ -13,9 +13,10 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
 
+from catalog import services as catalog_services
 from catalog.models import Agent
 from marketplace import sweeps
-from marketplace.errors import Conflict, Forbidden, InvalidInput
+from marketplace.errors import Conflict, InvalidInput
 from policies.models import ApprovalRequest, ApprovalStatus, Policy
 
 # (subject_id=, outcome=, actor=, note=) -> None, or the Conflict to answer when the subject could no longer be
@@ -48,9 +49,7 @@ def policy_operator_check(*, agent: Agent, operator, does: str = "changes this p
     owner's agent, or decide its approval requests (`does` says which): loosened, it let that owner's buyer pay their
     seller past the owner's rules (without the approval `approver_owns_the_seller` refuses them); tightened, or a
     purchase rejected, it blocked their competitors."""
-    if agent.owner_id != operator.pk and Agent.objects.filter(owner=operator, is_seller=True).exists():
-        raise Forbidden(f"You own a seller agent: the agent's owner, or another operator, {does}.",
-                        code="operator_owns_a_seller")
+    catalog_services.operator_owns_a_seller_check(agent=agent, operator=operator, does=does)
 
 
 def policy_set_by_operator(*, agent: Agent, operator, data: dict) -> dict[str, tuple]:

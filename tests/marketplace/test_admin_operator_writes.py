@@ -1085,3 +1085,30 @@ def test_an_operators_session_writes_nothing_from_another_site_without_the_csrf_
     assert key.revoked_at is None and token.revoked_at is None and OwnerToken.objects.count() == tokens
     # The same session, from the admin's own pages (the test client's CSRF check off), does revoke it.
     assert logged_in.post(f"/owner-tokens/{token.pk}/revoke", content_type="application/json").status_code == 200
+
+
+def test_an_operator_who_owns_a_seller_does_not_take_a_competitors_service_off_sale(settings, seller):
+    """Deregistering is for good (never listed again): an operator who owns a seller agent took another owner's
+    service off sale, as rejecting purchases or tightening policies blocked their competitors (refused there:
+    `operator_owns_a_seller`). Refused here too, the service left listed; their own services they deregister, and
+    another operator deregisters the competitor's."""
+    from catalog.models import Service
+
+    service = register_service(seller, skills=[])
+    staff = staff_client(settings, "view_service", "change_service")
+    operator_account = get_user_model().objects.get(is_staff=True, is_superuser=False)
+    own = register_service(AgentFactory(owner=operator_account, handle="operators-shop", is_seller=True), skills=[],
+                           name="The operator's own")
+
+    page = staff.post("/admin/catalog/service/", {"action": "deregister_services",
+                                                  ACTION_CHECKBOX_NAME: [str(service.pk), str(own.pk)]}, follow=True)
+    assert Service.objects.get(pk=service.pk).state == "registered"
+    assert Service.objects.get(pk=own.pk).state == "deregistered"
+    assert "operator_owns_a_seller" in page.content.decode()
+    assert not LogEntry.objects.filter(object_id=str(service.pk)).exists()
+
+    other_account = get_user_model().objects.create_user("other-ops", "o@example.com", "other-password", is_staff=True)
+    other_account.user_permissions.add(*Permission.objects.filter(codename__in=["view_service", "change_service"]))
+    other = operator_client("other-ops", "other-password")
+    other.post("/admin/catalog/service/", {"action": "deregister_services", ACTION_CHECKBOX_NAME: [str(service.pk)]})
+    assert Service.objects.get(pk=service.pk).state == "deregistered"
