@@ -87,11 +87,16 @@ class AgentForm(forms.ModelForm):
     operator = None  # the staff user saving the form (AgentAdmin.get_form)
 
     def clean_is_active(self) -> bool:
-        """Reactivating an agent is refused to its owner (`services.agent_reactivation_check`)."""
+        """Reactivating an agent is refused to its owner (`services.agent_reactivation_check`); deactivating another
+        owner's, to an operator who owns a seller (`services.operator_owns_a_seller_check`: a competitor shut out)."""
         is_active = self.cleaned_data["is_active"]
-        if is_active and "is_active" in self.changed_data:
+        if "is_active" in self.changed_data:
             try:
-                services.agent_reactivation_check(agent=self.instance, operator=self.operator)
+                if is_active:
+                    services.agent_reactivation_check(agent=self.instance, operator=self.operator)
+                else:
+                    services.operator_owns_a_seller_check(agent=self.instance, operator=self.operator,
+                                                          does="deactivates this agent")
             except ApplicationError as refused:
                 raise forms.ValidationError(f"{refused.message} ({refused.code})", code=refused.code) from None
         return is_active

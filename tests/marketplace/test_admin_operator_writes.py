@@ -1112,3 +1112,23 @@ def test_an_operator_who_owns_a_seller_does_not_take_a_competitors_service_off_s
     other = operator_client("other-ops", "other-password")
     other.post("/admin/catalog/service/", {"action": "deregister_services", ACTION_CHECKBOX_NAME: [str(service.pk)]})
     assert Service.objects.get(pk=service.pk).state == "deregistered"
+
+
+def test_an_operator_who_owns_a_seller_does_not_deactivate_another_owners_agent(settings, seller):
+    """Deactivated, an agent's listings leave search and its keys stop: an operator who owns a seller agent shut a
+    competitor (or a competitor's buyers) out. Refused on the form (`operator_owns_a_seller`, the agent left active);
+    their own agent they deactivate, and another operator the competitor's."""
+    staff = staff_client(settings, "view_agent", "change_agent")
+    account = get_user_model().objects.get(username="staff")
+    own = AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    form = {"display_name": "Seller", "is_seller": "on", "api_keys-TOTAL_FORMS": 0, "api_keys-INITIAL_FORMS": 0}
+
+    refused = staff.post(f"/admin/catalog/agent/{seller.pk}/change/", form)  # is_active left out: unticked
+
+    assert refused.status_code == 200 and "operator_owns_a_seller" in refused.content.decode()
+    assert Agent.objects.get(pk=seller.pk).is_active
+    assert staff.post(f"/admin/catalog/agent/{own.pk}/change/", form).status_code == 302
+    assert not Agent.objects.get(pk=own.pk).is_active
+    Agent.objects.filter(pk=own.pk).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
+    assert staff.post(f"/admin/catalog/agent/{seller.pk}/change/", form).status_code == 302
+    assert not Agent.objects.get(pk=seller.pk).is_active
