@@ -47,6 +47,12 @@ class CredentialStatusFilter(admin.SimpleListFilter):
 def _revoke(modeladmin, request, credentials) -> None:
     count = 0
     for credential in credentials:
+        holder = credential.agent.owner_id if isinstance(credential, ApiKey) else credential.owner_id
+        try:
+            services.operator_owns_a_seller_check(owner_id=holder, operator=request.user, does="revokes this")
+        except ApplicationError as refused:
+            messages.error(request, f"{credential.prefix}: {refused.message} ({refused.code})")
+            continue
         services.credential_revoke(credential=credential)
         modeladmin.log_change(request, credential, "Revoked")  # who shut it out, in the row's admin history
         count += 1
@@ -58,12 +64,13 @@ def _revoke(modeladmin, request, credentials) -> None:
 
 @admin.action(description="Revoke selected credentials", permissions=["revoke"])
 def revoke_credentials(modeladmin, request, queryset):
-    _revoke(modeladmin, request, queryset.filter(revoked_at=None))
+    _revoke(modeladmin, request, queryset.filter(revoked_at=None).select_related(
+        "agent" if modeladmin.model is ApiKey else "owner"))
 
 
 @admin.action(description="Revoke every API key of the selected agents", permissions=["revoke"])
 def revoke_agent_keys(modeladmin, request, queryset):
-    _revoke(modeladmin, request, ApiKey.objects.filter(agent__in=queryset, revoked_at=None))
+    _revoke(modeladmin, request, ApiKey.objects.filter(agent__in=queryset, revoked_at=None).select_related("agent"))
 
 
 class ApiKeyInline(LatestRowsInline, admin.TabularInline):
@@ -95,7 +102,7 @@ class AgentForm(forms.ModelForm):
                 if is_active:
                     services.agent_reactivation_check(agent=self.instance, operator=self.operator)
                 else:
-                    services.operator_owns_a_seller_check(agent=self.instance, operator=self.operator,
+                    services.operator_owns_a_seller_check(owner_id=self.instance.owner_id, operator=self.operator,
                                                           does="deactivates this agent")
             except ApplicationError as refused:
                 raise forms.ValidationError(f"{refused.message} ({refused.code})", code=refused.code) from None

@@ -578,12 +578,14 @@ def replaced_proxy_secrets_erase(*, now: datetime | None = None) -> int:
     return rotation.replaced_secrets_erase(Service, secret_field="proxy_secret", now=now)
 
 
-def operator_owns_a_seller_check(*, agent: Agent, operator, does: str) -> None:
-    """403 `operator_owns_a_seller` when an operator who owns a seller agent would act on another owner's agent
-    (`does` says how): changing its policy or deciding its purchases (policies.services.policy_operator_check),
-    taking its service off sale. Loosened, a policy let that owner's buyer pay their seller past the owner's rules;
-    tightened, a purchase rejected or a listing withdrawn, it blocked their competitors. Another operator does it."""
-    if agent.owner_id != operator.pk and Agent.objects.filter(owner=operator, is_seller=True).exists():
+def operator_owns_a_seller_check(*, owner_id, operator, does: str) -> None:
+    """403 `operator_owns_a_seller` when an operator who owns a seller agent would act on another owner's (the user
+    `owner_id`) agent or credentials (`does` says how): changing its policy or deciding its purchases
+    (policies.services.policy_operator_check), taking its service off sale, deactivating it, revoking its keys or
+    the owner's tokens. Loosened, a policy let that owner's buyer pay their seller past the owner's rules;
+    tightened, a purchase rejected, a listing withdrawn or a credential revoked, it blocked their competitors (an
+    owner whose tokens are all revoked waits for an operator to issue one). Another operator does it."""
+    if owner_id != operator.pk and Agent.objects.filter(owner=operator, is_seller=True).exists():
         raise Forbidden(f"You own a seller agent: the agent's owner, or another operator, {does}.",
                         code="operator_owns_a_seller")
 
@@ -594,7 +596,8 @@ def service_deregister(*, service: Service, actor: Agent | None, operator=None) 
     if actor is not None:
         _require_owner(service, actor)
     if operator is not None:
-        operator_owns_a_seller_check(agent=service.seller, operator=operator, does="deregisters this service")
+        operator_owns_a_seller_check(owner_id=service.seller.owner_id, operator=operator,
+                                     does="deregisters this service")
     Service.objects.filter(pk=service.pk, state=ServiceState.REGISTERED).update(
         state=ServiceState.DEREGISTERED, deregistered_at=timezone.now(), updated_at=timezone.now()
     )

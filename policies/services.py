@@ -49,7 +49,7 @@ def policy_operator_check(*, agent: Agent, operator, does: str = "changes this p
     owner's agent, or decide its approval requests (`does` says which): loosened, it let that owner's buyer pay their
     seller past the owner's rules (without the approval `approver_owns_the_seller` refuses them); tightened, or a
     purchase rejected, it blocked their competitors."""
-    catalog_services.operator_owns_a_seller_check(agent=agent, operator=operator, does=does)
+    catalog_services.operator_owns_a_seller_check(owner_id=agent.owner_id, operator=operator, does=does)
 
 
 def policy_set_by_operator(*, agent: Agent, operator, data: dict) -> dict[str, tuple]:

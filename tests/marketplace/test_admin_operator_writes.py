@@ -1132,3 +1132,25 @@ def test_an_operator_who_owns_a_seller_does_not_deactivate_another_owners_agent(
     Agent.objects.filter(pk=own.pk).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
     assert staff.post(f"/admin/catalog/agent/{seller.pk}/change/", form).status_code == 302
     assert not Agent.objects.get(pk=seller.pk).is_active
+
+
+def test_an_operator_who_owns_a_seller_does_not_revoke_another_owners_credentials(settings, seller, owner):
+    """Revoked, a competitor's keys stopped its sales, and its owner's tokens (with all they issued) left it without
+    the API until an operator issued one: an operator who owns a seller agent did that in the admin. Refused per
+    credential (`operator_owns_a_seller`), each left live; their own they revoke."""
+    staff = staff_client(settings, "view_apikey", "change_apikey", "view_ownertoken", "change_ownertoken",
+                         "view_agent", "change_agent")
+    account = get_user_model().objects.get(username="staff")
+    own = AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    theirs, mine = issue_key(seller), issue_key(own)
+    token = issue_owner_token(seller.owner)
+    keys = {secret: ApiKey.objects.get(agent__in=[agent]) for secret, agent in ((theirs, seller), (mine, own))}
+
+    staff.post("/admin/catalog/apikey/", {"action": "revoke_credentials",
+                                          ACTION_CHECKBOX_NAME: [str(key.pk) for key in keys.values()]})
+    staff.post("/admin/catalog/agent/", {"action": "revoke_agent_keys", ACTION_CHECKBOX_NAME: [str(seller.pk)]})
+    staff.post("/admin/catalog/ownertoken/", {"action": "revoke_credentials", ACTION_CHECKBOX_NAME: [
+        str(OwnerToken.objects.get(owner=seller.owner).pk)]})
+
+    assert Api(theirs).get("/agents/me").status_code == 200 and Api(token).get("/agents").status_code == 200
+    assert Api(mine).get("/agents/me").status_code == 401
