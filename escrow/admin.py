@@ -369,7 +369,7 @@ class MasumiPurchaseAdmin(PrivateContentAdmin, MoneyRecordAdmin):
     """Purchases move through escrow.purchases. A dispute is decided on its agreement (resolve)."""
 
     list_display = ("short_id", "agreement_short", "agreement_status", "onchain_state", "job_id", "job_status",
-                    "job_starts_unanswered", "submit_result_time", "unlock_time", "created_at")
+                    "job_starts_unanswered", "last_error_code", "submit_result_time", "unlock_time", "created_at")
     list_filter = ("agreement__status",)
     search_fields = ("id", "agreement__id", "job_id", "payment_id", "input_hash", "result_hash")
     list_select_related = ("agreement",)

@@ -195,9 +195,15 @@ class PurchaseListQuery(StrictSerializer):
     limit = StrictIntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
 
 
+NO_ERROR = {"errorType": None, "errorCode": None, "errorNote": None}
+
+
 class NextActionSerializer(serializers.Serializer):
     requestedAction = serializers.CharField()
     errorType = serializers.CharField(allow_null=True)
+    errorCode = serializers.CharField(allow_null=True, help_text=(
+        "errorType's machine-readable code: the refusal's own code (e.g. submit_result_time_passed), "
+        "seller_service_error for a seller's call that failed, or the errorType in snake case."))
     errorNote = serializers.CharField(allow_null=True)
 
 
@@ -438,7 +444,7 @@ def payment_payload(payment) -> dict:
         service = payment.service
         return {**common, "id": str(payment.pk), "blockchainIdentifier": "0x" + payment.pk.hex.rjust(64, "0"),
                 "agentIdentifier": str(service.pk), "resultHash": None, "onChainState": None,
-                "NextAction": {"requestedAction": "WaitingForExternalAction", "errorType": None, "errorNote": None},
+                "NextAction": {"requestedAction": "WaitingForExternalAction", **NO_ERROR},
                 "RequestedFunds": purchases.payment_request_funds(payment),
                 "sellerVKey": service.seller.wallet_address, "BuyerWallet": None}
     agreement = payment.agreement
@@ -447,7 +453,7 @@ def payment_payload(payment) -> dict:
               "Disputed": "WaitingForExternalAction", None: "WaitingForExternalAction"}.get(state, "None")
     return {**common, "id": str(payment.pk), "blockchainIdentifier": _blockchain_identifier(payment),
             "agentIdentifier": str(agreement.service_id), "resultHash": payment.result_hash or None,
-            "onChainState": state, "NextAction": {"requestedAction": action, "errorType": None, "errorNote": None},
+            "onChainState": state, "NextAction": {"requestedAction": action, **NO_ERROR},
             "RequestedFunds": [{"amount": str(agreement.deposit_amount), "unit": agreement.token}],
             "sellerVKey": agreement.seller_wallet_address, "BuyerWallet": _wallet(agreement.buyer_wallet_address)}
 

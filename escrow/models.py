@@ -319,6 +319,10 @@ class MasumiPurchase(models.Model):
     refund_signature = models.CharField(max_length=132, blank=True,
                                         help_text="The buyer's EIP-712 Challenge{agreementId, unlockTime}.")
     last_error = models.CharField(max_length=500, blank=True)
+    last_error_code = models.CharField(
+        max_length=64, blank=True,
+        help_text="The last error's machine-readable code (NextAction.errorCode): `seller_service_error` for a seller "
+                  "call that failed, else the refusal's own code (e.g. `submit_result_time_passed`).")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -534,15 +534,35 @@ def _base_url(purchase: MasumiPurchase) -> str:
     return purchase.agreement.service.upstream_base_url
 
 
+# The code of a seller's call that failed (a timeout, a non-2xx, an unusable answer: AgenticServiceError), kept as the
+# purchase's last error code; a refusal keeps its own code. Shown as NextAction.errorCode.
+SELLER_SERVICE_ERROR = "seller_service_error"
+# The last error codes that are the seller's failure (NextAction.errorType `SellerServiceError`): its call failed, or
+# its result came after submitResultTime. Any other is the refusal of a step of the purchase's own (a dispute, its
+# release, a result the escrow's state no longer takes): `PurchaseStepRefused`, not the seller's.
+SELLER_FAILURE_CODES = frozenset({SELLER_SERVICE_ERROR, "submit_result_time_passed"})
+PURCHASE_STEP_REFUSED = "PurchaseStepRefused"
+
+
+def _error_code(error: Exception) -> str:
+    if isinstance(error, ApplicationError):
+        return error.code
+    if isinstance(error, masumi_agentic_client.AgenticServiceError):
+        return SELLER_SERVICE_ERROR
+    return "internal_error"
+
+
 def _record_error(purchase_id, error: Exception) -> None:
-    """Kept as the purchase's last error, which its NextAction shows as the seller's (`SellerServiceError`). Not the
-    node not answering a step of ours (503 `chain_unavailable`: the next tick does it again): kept, it was shown to the
-    buyer as the seller's failure, for good once the purchase was disputed (no call to the seller clears it)."""
+    """Kept as the purchase's last error, with its machine-readable code (`last_error_code`, NextAction.errorCode:
+    the refusal's own, `seller_service_error` for a seller's call that failed). Not the node not answering a step of
+    ours (503 `chain_unavailable`: the next tick does it again): kept, it was shown to the buyer as the seller's
+    failure, for good once the purchase was disputed (no call to the seller clears it)."""
     if isinstance(error, ApplicationError) and error.code == chain.unavailable().code:
         logger.warning("masumi purchase's step not done: the chain RPC is unavailable; the next tick tries again",
                        extra={"purchase_id": str(purchase_id)})
         return
     MasumiPurchase.objects.filter(pk=purchase_id).update(last_error=f"{type(error).__name__}: {error}"[:500],
+                                                         last_error_code=_error_code(error)[:64],
                                                          updated_at=timezone.now())
 
 
@@ -659,7 +679,7 @@ def _job_call_answered(call: _JobCall, answer, *, now: int) -> MasumiPurchase | 
                                          agreement__status__in=[S.ACTIVE, S.IN_CHALLENGE]).exists():
             raise masumi_agentic_client.AgenticServiceError("/start_job: the job id is another purchase's")
         MasumiPurchase.objects.filter(pk=purchase_id).update(job_id=answer.job_id, payment_id=answer.payment_id,
-                                                             last_error="", **schedule)
+                                                             last_error="", last_error_code="", **schedule)
         return None
     # Seller text the buyer reads (`jobStatus`), which no rule of a listing's checked: its invisible characters escaped.
     MasumiPurchase.objects.filter(pk=purchase_id).update(job_status=shown_text.printable(answer.status)[:50],
@@ -699,8 +719,9 @@ def purchase_result_record(*, purchase_id, result_hash: str, result: str = "") -
                 purchase.save(update_fields=["result", "updated_at"])
             return purchase
         purchase.result, purchase.result_hash, purchase.result_submitted_at = result, result_hash, timezone.now()
-        purchase.last_error = ""
-        purchase.save(update_fields=["result", "result_hash", "result_submitted_at", "last_error", "updated_at"])
+        purchase.last_error = purchase.last_error_code = ""
+        purchase.save(update_fields=["result", "result_hash", "result_submitted_at", "last_error", "last_error_code",
+                                     "updated_at"])
         agreement_services.job_result_charge(agreement_id=purchase.agreement_id, result_hash="0x" + result_hash,
                                              request_id=f"masumi-job:{purchase.pk}",  # a job id may be 250 characters
                                              chain_now=chain_now)
@@ -947,8 +968,10 @@ DISPUTE_RELEASE_FAILED = "DisputeReleaseFailed"
 
 
 def purchase_next_action(purchase: MasumiPurchase) -> dict:
+    """Masumi's NextAction, and `errorCode`: the machine-readable code of what `errorType` names (the last error's
+    code, or one of its own for the states that have no code: the errorType in snake case)."""
     agreement = purchase.agreement
-    action, error_type, note = "None", None, None
+    action, error_type, note, code = "None", None, None, None
     if can_activate(agreement):
         action = "FundsLockingRequested"
         if agreement.status == S.ACTIVATION_FAILED:
@@ -972,8 +995,16 @@ def purchase_next_action(purchase: MasumiPurchase) -> dict:
         error_type, note = "RefundSignatureMissing", ("Sign refundRequestTypedData and PATCH /purchase to be refunded "
                                                       "by the purchase's timers; else by reclaim after the grace.")
     if purchase.last_error and error_type is None:
-        error_type, note = "SellerServiceError", purchase.last_error
-    return {"requestedAction": action, "errorType": error_type, "errorNote": note}
+        code = purchase.last_error_code or SELLER_SERVICE_ERROR  # one kept before codes were: a seller's call
+        error_type = "SellerServiceError" if code in SELLER_FAILURE_CODES else PURCHASE_STEP_REFUSED
+        note = purchase.last_error
+    if error_type is not None and code is None:
+        code = _ERROR_TYPE_CODES[error_type]
+    return {"requestedAction": action, "errorType": error_type, "errorCode": code, "errorNote": note}
+
+
+_ERROR_TYPE_CODES = {"FundsLockingFailed": "funds_locking_failed", DISPUTE_RELEASE_FAILED: "dispute_release_failed",
+                     "Closed": "closed", "RefundSignatureMissing": "refund_signature_missing"}
 
 
 def purchase_current_transaction(purchase: MasumiPurchase) -> ChainTransaction | None:

@@ -20,6 +20,7 @@ from escrow import chain as gateway
 from escrow import indexer, purchases, relayer, settlement
 from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose
 from marketplace import shown_text
+from marketplace.errors import Conflict
 from sdk.typed_data import sign_typed_data
 from tests.catalog.factories import UserFactory, issue_owner_token
 from tests.conftest import Api, codes_at, error_code
@@ -1856,3 +1857,54 @@ def test_a_node_failing_under_a_dispute_release_is_not_shown_as_the_sellers_fail
 
     assert run(capture, purchases.purchases_tick)["released"] == 1
     assert purchase.get()["NextAction"]["errorType"] is None
+
+
+def test_a_result_refused_by_the_jobs_tick_is_shown_with_its_machine_readable_code(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, admin_client):
+    """A seller's result the platform refused (409 `submit_result_time_passed`) was shown only as free text
+    (`NextAction.errorNote`), under `SellerServiceError`: no code a client could act on. The purchase keeps the
+    refusal's code (`last_error_code`), shown as `NextAction.errorCode` and in the admin."""
+    chain = escrow_chain
+    purchase = Purchase(chain, django_capture_on_commit_callbacks, seller_service)
+    assert purchase.tick()["started"] == 1
+    seller_service.before_status = lambda: chain.increase_time(purchase.timers["submitResultTime"] - chain.now())
+    assert purchase.tick()["results"] == 0
+    seller_service.before_status = None
+    assert row(purchase).last_error_code == "submit_result_time_passed"
+    shown = purchase.get()["NextAction"]
+    assert shown["errorCode"] == "submit_result_time_passed", shown
+    page = admin_client.get(f"/admin/escrow/masumipurchase/{row(purchase).pk}/change/")
+    assert b"submit_result_time_passed" in page.content
+
+
+def test_a_seller_call_failure_is_shown_with_the_seller_service_error_code(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """A seller that does not answer usably: its failure's code is `seller_service_error` (the text is free)."""
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service)
+    seller_service.mode = "unavailable"
+    purchase.tick()
+    failed = row(purchase)
+    assert failed.job_call_failures == 1 and failed.last_error_code == "seller_service_error", failed.last_error
+    assert purchase.get()["NextAction"] == {"requestedAction": "None", "errorType": "SellerServiceError",
+                                            "errorCode": "seller_service_error", "errorNote": failed.last_error}
+
+
+def test_a_dispute_release_the_purchases_tick_was_refused_is_shown_with_the_refusals_code(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """The purchases tick's own steps (a dispute, its release) refused for another reason than those with their own
+    field kept only "Conflict: ..." text, shown to the buyer as the seller's failure (`SellerServiceError`): the
+    refusal's code is kept and shown (`errorCode`), and its type says it is the purchase's step, not the seller."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain, capture, seller_service)
+    dispute(purchase)
+    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now())
+
+    def refused(**kwargs):
+        raise Conflict("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
+
+    monkeypatch.setattr(purchases.settlement, "settlement_resolve", refused)
+    assert run(capture, purchases.purchases_tick)["released"] == 0
+    monkeypatch.undo()
+    assert row(purchase).last_error_code == "amount_exceeds_deposit"
+    shown = purchase.get()["NextAction"]
+    assert (shown["errorType"], shown["errorCode"]) == ("PurchaseStepRefused", "amount_exceeds_deposit"), shown
