@@ -359,6 +359,7 @@ def purchase_request_refund(*, purchase: MasumiPurchase, buyer: Agent, signature
         # request stands and `purchases_tick` submits it.
         try:
             _dispute(purchase)
+            _step_done(purchase)
         except ApplicationError as error:
             if error.code not in _DISPUTE_NOT_NEEDED:
                 _record_error(purchase.pk, error)
@@ -564,6 +565,15 @@ def _record_error(purchase_id, error: Exception) -> None:
     MasumiPurchase.objects.filter(pk=purchase_id).update(last_error=f"{type(error).__name__}: {error}"[:500],
                                                          last_error_code=_error_code(error)[:64],
                                                          updated_at=timezone.now())
+
+
+def _step_done(purchase: MasumiPurchase) -> None:
+    """A step of the purchase's own (a dispute, its release, a zero proposal) was queued: a refusal of such a step kept
+    before (a code not the seller's) no longer holds, and is cleared, so the purchase does not show it while the step
+    runs. A seller's failure stays (only its next answer clears it); a newer error recorded meanwhile too."""
+    if purchase.last_error and purchase.last_error_code and purchase.last_error_code not in SELLER_FAILURE_CODES:
+        MasumiPurchase.objects.filter(pk=purchase.pk, last_error_code=purchase.last_error_code).update(
+            last_error="", last_error_code="", updated_at=timezone.now())
 
 
 # A tick calls the due purchases' sellers concurrently (the HTTP exchanges on threads, every database access on the
@@ -828,6 +838,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     for purchase in unanswered.select_related("agreement"):
         with alone(purchase.agreement_id):
             if _zero_proposal(purchase, now=now):
+                _step_done(purchase)
                 done["refunding"] += 1
     # A refund asked for before the result: dispute the result once its proposal is on-chain. One the relayer mined
     # too late for the buyer's challenge (signed until unlockTime) is refunded by a zero proposal above it.
@@ -838,10 +849,12 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
         with alone(purchase.agreement_id):
             try:
                 _dispute(purchase)  # no transaction around it: it reads the chain, then takes its own
+                _step_done(purchase)
                 done["disputed"] += 1
             except ApplicationError as error:
                 if error.code in _DISPUTE_TOO_LATE and _asked_before_the_result(purchase):
                     if _refund_proposal(purchase, now=now):
+                        _step_done(purchase)
                         done["refunding"] += 1
                 elif error.code not in _DISPUTE_NOT_NEEDED:
                     _record_error(purchase.pk, error)
@@ -866,6 +879,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
         with alone(purchase.agreement_id):
             try:
                 settlement.settlement_uphold(agreement=purchase.agreement)
+                _step_done(purchase)
                 done["released"] += 1
             except ApplicationError as error:
                 if error.code not in _RELEASE_NOT_NEEDED:
@@ -879,6 +893,7 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
         with alone(purchase.agreement_id):
             try:
                 settlement.settlement_resolve(agreement=purchase.agreement, seller_amount=0, operator=None)
+                _step_done(purchase)
                 done["released"] += 1
             except ApplicationError as error:
                 if error.code not in _RELEASE_NOT_NEEDED:

@@ -689,6 +689,24 @@ def test_a_payment_quoted_for_one_skill_does_not_pay_for_another_of_the_same_pri
     assert market.call("translate", payment).status_code == 200
 
 
+@pytest.mark.parametrize("new_price", [PRICE * 2, PRICE // 2 + 1], ids=["raised", "lowered"])
+def test_a_payment_quoted_before_the_seller_changed_the_skills_price_is_refused_and_quoted_again(market, new_price):
+    """The seller changes the skill's price between its 402 and the buyer's payment: the payment of the old price is
+    402 `wrong_amount` with a fresh 402 of the new one, nothing recorded nor moved (the buyer is never charged a price
+    it did not sign, nor the seller paid one it no longer asks)."""
+    payment = market.pay("translate")
+    Skill.objects.filter(service__seller=market.seller, name="translate").update(price=new_price)
+    before = market.balances()
+
+    response = market.call("translate", payment)
+
+    assert response.status_code == 402, response.content
+    assert response.json()["error"] == "wrong_amount"
+    assert decode_payment_required_header(response["PAYMENT-REQUIRED"]).accepts[0].amount == str(new_price)
+    assert market.upstream.requests == [] and not ChainTransaction.objects.exists()
+    assert not SkillInvocation.objects.exists() and market.balances() == before
+
+
 def test_an_authorization_without_funds_is_402_insufficient_balance(market):
     market.buyer = market.chain.accounts.stranger  # holds no USDC
     response = market.call("translate", market.pay("translate"))

@@ -1908,3 +1908,26 @@ def test_a_dispute_release_the_purchases_tick_was_refused_is_shown_with_the_refu
     assert row(purchase).last_error_code == "amount_exceeds_deposit"
     shown = purchase.get()["NextAction"]
     assert (shown["errorType"], shown["errorCode"]) == ("PurchaseStepRefused", "amount_exceeds_deposit"), shown
+
+
+def test_a_dispute_release_refused_once_then_done_no_longer_shows_the_refusal(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """A refusal of the purchases tick's step was kept for good: the next tick released the dispute, and the purchase
+    still showed the old refusal as its NextAction's error while its payout was under way. A step done clears it."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    purchase = Purchase(chain, capture, seller_service)
+    dispute(purchase)
+    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now())
+
+    def refused(**kwargs):
+        raise Conflict("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
+
+    monkeypatch.setattr(purchases.settlement, "settlement_resolve", refused)
+    assert run(capture, purchases.purchases_tick)["released"] == 0
+    monkeypatch.undo()
+    assert purchase.get()["NextAction"]["errorCode"] == "amount_exceeds_deposit"
+
+    assert run(capture, purchases.purchases_tick)["released"] == 1
+    shown = purchase.get()["NextAction"]
+    assert (shown["errorType"], shown["errorCode"], shown["errorNote"]) == (None, None, None), shown
+    assert (row(purchase).last_error, row(purchase).last_error_code) == ("", "")
