@@ -6,6 +6,7 @@ identical request is a no-op.
 """
 
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -736,6 +737,16 @@ class DirectPaymentPreflight:
     buyer_balance: int = 0
     paid_by: str | None = None
 
+    @property
+    def code(self) -> str:
+        """The problem's machine-readable code: a problem is spelled "<code>: <what>" (e.g. "insufficient_balance:
+        the buyer holds ...")."""
+        head = (self.problem or "").split(":", 1)[0]
+        return head if _PROBLEM_CODE.fullmatch(head) else "payment_cannot_run"
+
+
+_PROBLEM_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
 
 DirectPaymentCheck = Callable[[UsageAgreement], DirectPaymentPreflight]
 DirectPaymentQueue = Callable[[UsageAgreement, DirectPaymentPreflight], None]
@@ -905,12 +916,13 @@ def _direct_payment_start(agreement_id, preflight: DirectPaymentPreflight) -> Us
     if problem and preflight.paid_by:
         # No status says "paid, fee not collected": failed, but saying so, for the parties and an operator.
         # Its payment_tx_hash names the transfer: the price is out of the buyer's wallet, counted against its caps.
-        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, data={"used_by": preflight.paid_by},
+        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM,
+                           data={"used_by": preflight.paid_by, "code": preflight.code},
                            reason=f"the price reached the seller before the accept (tx {preflight.paid_by}), but the "
                                   f"fee cannot be collected, nothing more was charged: {problem}",
                            changes={"payment_tx_hash": preflight.paid_by})
     if problem:
-        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM,
+        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, data={"code": preflight.code},
                            reason=f"payment cannot run, nothing was charged: {problem}")
     _check, queue = _direct_payment_executor[0]
     queue(agreement, preflight)
@@ -942,24 +954,26 @@ def agreement_direct_paid(*, agreement_id, tx_hash: str) -> UsageAgreement:
                                                            **NO_PAYMENT_REVERSAL})
 
 
-def agreement_direct_payment_failed(*, agreement_id, reason: str, paid_by: str | None = None) -> UsageAgreement:
+def agreement_direct_payment_failed(*, agreement_id, reason: str, code: str,
+                                    paid_by: str | None = None) -> UsageAgreement:
     """paying -> payment_failed. A purchase counted paid before (a reorg took its payment off the chain since:
     `agreement_direct_payment_reopened`) whose payment could not run again is recorded for an operator
     (`payment_reverted_at`): its seller was told it was paid. Reconcile fails on it until one acknowledges it.
     `paid_by`: a fee step failed, but the price reached the seller by that transfer (sent before the accept): named
-    as the purchase's payment_tx_hash, its price counts against the buyer's caps, as at an accept that failed so."""
+    as the purchase's payment_tx_hash, its price counts against the buyer's caps, as at an accept that failed so.
+    `code`: the failure's machine-readable code, told the parties as the event's `data.code` (webhooks, inbox)."""
     agreement = _lock(agreement_id)
     if paid_by and agreement.status == S.PAYING and not agreement.payment_tx_hash:
-        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, data={"used_by": paid_by},
+        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, data={"used_by": paid_by, "code": code},
                            reason=f"the price reached the seller before the accept (tx {paid_by}), but the fee "
                                   f"could not be collected: {reason}",
                            changes={"payment_tx_hash": paid_by})
     if agreement.status != S.PAYING or not AgreementEvent.objects.filter(agreement_id=agreement_id,
                                                                          to_status=S.PAID).exists():
-        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, reason=reason)
+        return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, reason=reason, data={"code": code})
     logger.error("a reorg took the payment of a direct purchase counted paid, and it could not run again",
                  extra={"agreement_id": str(agreement_id), "reason": reason})
-    return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM,
+    return _transition(agreement_id, to=S.PAYMENT_FAILED, actor=SYSTEM, data={"code": code},
                        reason=f"a reorg took the payment after the purchase was counted paid, and it could not run "
                               f"again: {reason}",
                        changes={"payment_reverted_at": timezone.now(), "payment_reverted_reason": reason[:500]})

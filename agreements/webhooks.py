@@ -177,8 +177,9 @@ def event_types_told(event: AgreementEvent) -> set[str]:
 
 def event_payload(agreement: UsageAgreement, event: AgreementEvent, event_type: str) -> dict:
     """The event as both parties are told it; `data.used_by` when it names the transfer that paid the seller (a closed
-    direct purchase found paid keeps its status: the status alone would read as a repeat of its close)."""
-    used_by = event.data.get("used_by")
+    direct purchase found paid keeps its status: the status alone would read as a repeat of its close); `data.code`
+    when it names why (a direct purchase's payment failed, an accept its buyer's policy refused)."""
+    used_by, code = event.data.get("used_by"), event.data.get("code")
     return {
         "id": f"evt_{event.pk}",
         "type": event_type,
@@ -192,6 +193,7 @@ def event_payload(agreement: UsageAgreement, event: AgreementEvent, event_type: 
             "seller": agreement.seller.handle,
             "service_id": str(agreement.service_id),
             **({"used_by": used_by} if used_by else {}),
+            **({"code": code} if code else {}),  # a failure's or refusal's machine-readable code
         },
     }
 

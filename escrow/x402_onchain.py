@@ -474,7 +474,7 @@ def _direct_fee_permit_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED and not front_run:
         agreement_services.agreement_direct_payment_failed(
             agreement_id=tx.agreement_id, paid_by=(paid_by := tx.outcome_evidence.get("paid_by")),
-            reason=f"fee permit reverted{'' if paid_by else ', nothing was charged'}: {tx.failure_reason}")
+            code="fee_permit_reverted", reason=f"fee permit reverted{'' if paid_by else ', nothing was charged'}: {tx.failure_reason}")
         return
     agreement = _agreement(tx)
     _direct_step_enqueue(agreement, TxPurpose.DIRECT_FEE, chain.token_contract().encode_abi("transferFrom", args=[
@@ -495,7 +495,7 @@ def _direct_fee_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED:
         agreement_services.agreement_direct_payment_failed(
             agreement_id=tx.agreement_id, paid_by=(paid_by := tx.outcome_evidence.get("paid_by")),
-            reason=f"fee collection reverted{'' if paid_by else ', nothing was charged'}: {tx.failure_reason}")
+            code="fee_collection_reverted", reason=f"fee collection reverted{'' if paid_by else ', nothing was charged'}: {tx.failure_reason}")
         return
     agreement_services.agreement_direct_fee_collected(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
     agreement = _agreement(tx)
@@ -626,7 +626,8 @@ def _direct_payment_outcome(tx: ChainTransaction) -> None:
         _direct_fee_refund_withdraw(tx.agreement_id, reason="the failed payment it refunds the fee of was made later")
         return
     agreement_services.agreement_direct_payment_failed(
-        agreement_id=tx.agreement_id, reason=f"x402 payment reverted; the fee is refunded: {tx.failure_reason}")
+        agreement_id=tx.agreement_id, code="payment_reverted",
+        reason=f"x402 payment reverted; the fee is refunded: {tx.failure_reason}")
     _direct_fee_refund_when_due(tx.agreement_id)
 
 

@@ -1520,7 +1520,7 @@ def test_a_purchase_paid_before_the_accept_whose_fee_cannot_be_collected_fails_s
     assert used_by in failed["status_reason"] and "fee_permit_stale" in failed["status_reason"], failed
     assert "nothing was charged" not in failed["status_reason"]
     assert AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("-pk").first().data == {
-        "used_by": used_by}
+        "used_by": used_by, "code": "fee_permit_stale"}
     assert purchase.balances() == (buyer - AMOUNT, seller + AMOUNT, fee_recipient, treasury)
 
 
@@ -2509,3 +2509,25 @@ def test_a_direct_purchase_is_not_judged_by_a_node_behind_the_chain(purchase, se
     assert response.json()["error"]["details"]["reason"] == "node_behind"
     assert not UsageAgreement.objects.exists() and not ChainTransaction.objects.exists()
     assert purchase.parties.buyer_api.post("/usage-agreements", purchase.body()).status_code == 201
+
+
+def test_a_direct_purchase_failed_at_accept_tells_the_parties_its_machine_readable_code(
+        purchase, django_capture_on_commit_callbacks):
+    """A payment that cannot run fails the purchase at its accept; the parties' webhooks and inbox said why only in
+    the reason's prose ("payment cannot run, nothing was charged: authorization_already_used: ..."): the event's
+    `data.code` names it."""
+    for agent in (purchase.parties.buyer, purchase.parties.seller):
+        WebhookSubscription.objects.create(agent=agent, url="https://hooks.example/agreements", secret="whsec_test")
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    purchase.cancel_authorization(body)
+    failed_at_accept(purchase, agreement["id"], django_capture_on_commit_callbacks,
+                     reason="authorization_already_used", balances=purchase.balances())
+
+    found = WebhookDelivery.objects.filter(payload__data__agreement_id=agreement["id"],
+                                           event_type="agreement.payment_failed")
+    assert found.count() == 2
+    assert [delivery.payload["data"].get("code") for delivery in found] == ["authorization_already_used"] * 2
+    inbox = purchase.parties.buyer_api.get(f"/agents/{purchase.parties.buyer.pk}/events").json()
+    [shown] = [item for item in inbox if item["type"] == "agreement.payment_failed"]
+    assert shown["payload"].get("code") == "authorization_already_used", shown
