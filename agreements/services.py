@@ -6,7 +6,6 @@ identical request is a no-op.
 """
 
 import logging
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -736,16 +735,11 @@ class DirectPaymentPreflight:
     problem: str | None
     buyer_balance: int = 0
     paid_by: str | None = None
+    code: str = ""  # the problem's machine-readable code, told the parties as the failure event's `data.code`
 
-    @property
-    def code(self) -> str:
-        """The problem's machine-readable code: a problem is spelled "<code>: <what>" (e.g. "insufficient_balance:
-        the buyer holds ...")."""
-        head = (self.problem or "").split(":", 1)[0]
-        return head if _PROBLEM_CODE.fullmatch(head) else "payment_cannot_run"
-
-
-_PROBLEM_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+    def refused(self, code: str, message: str) -> "DirectPaymentPreflight":
+        """This preflight, saying it cannot run: `code` and its `message`."""
+        return replace(self, problem=f"{code}: {message}", code=code)
 
 
 DirectPaymentCheck = Callable[[UsageAgreement], DirectPaymentPreflight]
@@ -904,7 +898,7 @@ def _direct_payment_preflight(agreement: UsageAgreement, *, confirmed_use: str |
     permit_deadline = agreement.fee_permit["deadline"]
     if preflight.problem is None and permit_deadline < _chain_next_block_now() + FEE_PERMIT_MIN_LEFT_SECONDS:
         # Only a purchase paid already is accepted past its acceptance deadline: its fee permit may be running out.
-        return replace(preflight, problem=f"fee_permit_expired: the fee permit's deadline {permit_deadline} is too near")
+        return preflight.refused("fee_permit_expired", f"the fee permit's deadline {permit_deadline} is too near")
     return preflight
 
 
@@ -1899,7 +1893,7 @@ def _paid_proposal_accept(agreement_id, preflight: DirectPaymentPreflight) -> Us
     except InvalidInput as above_limit:  # the ceiling lowered since: the fee is not collected either
         refusal = above_limit
     if refusal is not None:
-        preflight = replace(preflight, problem=f"{refusal.code}: {refusal.details.get('rule') or refusal.message}")
+        preflight = preflight.refused(refusal.code, refusal.details.get("rule") or refusal.message)
     _transition(agreement_id, to=S.ACCEPTED, actor=SYSTEM, data={"used_by": preflight.paid_by},
                 reason=f"proposal expired unanswered, but the buyer's payment reached the seller already (tx "
                        f"{preflight.paid_by}): accepted as paid by it")
@@ -1907,7 +1901,7 @@ def _paid_proposal_accept(agreement_id, preflight: DirectPaymentPreflight) -> Us
         with transaction.atomic():
             return _direct_payment_start(agreement_id, preflight)
     except ApplicationError as refused:  # the queue's check of the wallet's payments under way
-        return _direct_payment_start(agreement_id, replace(preflight, problem=f"{refused.code}: {refused.message}"))
+        return _direct_payment_start(agreement_id, preflight.refused(refused.code, refused.message))
 
 
 def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | None:

@@ -366,13 +366,13 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> agreement_services.D
     _require_chain()
     paid_by = None
 
-    def cannot_run(problem: str) -> agreement_services.DirectPaymentPreflight:
-        return agreement_services.DirectPaymentPreflight(problem, paid_by=paid_by)
+    def cannot_run(code: str, message: str) -> agreement_services.DirectPaymentPreflight:
+        return agreement_services.DirectPaymentPreflight(None, paid_by=paid_by).refused(code, message)
 
     try:
         relayer.relay_budget_check(_buyer_payer(agreement))
     except TooManyRequests as exhausted:
-        return cannot_run(f"{exhausted.code}: {exhausted.message}")
+        return cannot_run(exhausted.code, exhausted.message)
     buyer = to_checksum_address(agreement.buyer_wallet_address)
     token = chain.token_contract()
     authorization = agreement_selectors.payment_authorization_of(agreement=agreement)
@@ -381,16 +381,16 @@ def _direct_payment_preflight(agreement: UsageAgreement) -> agreement_services.D
     except agreement_services.InvalidPayment as invalid:
         paid_by = (_authorization_use(authorization) or {}).get("used_by")
         if paid_by is None:
-            return cannot_run(f"{invalid.code}: {invalid.message}")
+            return cannot_run(invalid.code, invalid.message)
     permit = agreement.fee_permit
     nonce = chain.call(token.functions.nonces(buyer).call)
     front_run = permit["nonce"] < nonce and _relayer_allowance(buyer) >= agreement.infra_fee
     if permit["nonce"] != nonce and not front_run:  # a permit someone else submitted granted the allowance
-        return cannot_run(f"fee_permit_stale: the fee permit's nonce is {permit['nonce']}, the token's is now {nonce}")
+        return cannot_run("fee_permit_stale", f"the fee permit's nonce is {permit['nonce']}, the token's is now {nonce}")
     balance = chain.call(token.functions.balanceOf(buyer).call)
     required = _direct_payment_required(agreement, paid_by=paid_by)
     if balance < required:
-        return cannot_run(f"insufficient_balance: the buyer holds {balance}, needs {required}")
+        return cannot_run("insufficient_balance", f"the buyer holds {balance}, needs {required}")
     return agreement_services.DirectPaymentPreflight(None, buyer_balance=balance, paid_by=paid_by)
 
 
@@ -474,7 +474,8 @@ def _direct_fee_permit_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED and not front_run:
         agreement_services.agreement_direct_payment_failed(
             agreement_id=tx.agreement_id, paid_by=(paid_by := tx.outcome_evidence.get("paid_by")),
-            code="fee_permit_reverted", reason=f"fee permit reverted{'' if paid_by else ', nothing was charged'}: {tx.failure_reason}")
+            code="fee_permit_reverted",
+            reason=f"fee permit reverted{'' if paid_by else ', nothing was charged'}: {tx.failure_reason}")
         return
     agreement = _agreement(tx)
     _direct_step_enqueue(agreement, TxPurpose.DIRECT_FEE, chain.token_contract().encode_abi("transferFrom", args=[
@@ -495,7 +496,8 @@ def _direct_fee_outcome(tx: ChainTransaction) -> None:
     if tx.status != TxStatus.CONFIRMED:
         agreement_services.agreement_direct_payment_failed(
             agreement_id=tx.agreement_id, paid_by=(paid_by := tx.outcome_evidence.get("paid_by")),
-            code="fee_collection_reverted", reason=f"fee collection reverted{'' if paid_by else ', nothing was charged'}: {tx.failure_reason}")
+            code="fee_collection_reverted",
+            reason=f"fee collection reverted{'' if paid_by else ', nothing was charged'}: {tx.failure_reason}")
         return
     agreement_services.agreement_direct_fee_collected(agreement_id=tx.agreement_id, tx_hash=tx.mined_tx_hash)
     agreement = _agreement(tx)
