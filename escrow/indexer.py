@@ -127,9 +127,6 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
             if cursor is not None and cursor.last_block != before:
                 relayer.transactions_reopen_reorged()  # after the agreements are back: see the relayer
             safe = _safe_head(result.head)
-            # A range read whole (catching up) is checked to descend from the cursor's block, one header a block read
-            # by hash (`_fetch`): bounded to about one range's worth a pass, the calls a pass makes stay bounded.
-            walked = 0
             while cursor is not None and cursor.next_block <= safe:
                 if max_ranges is not None and result.ranges >= max_ranges:
                     break
@@ -143,18 +140,17 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
                                 cursor.start_block)
                 # Following the head (at most INDEXER_LOGS_BY_HASH_BLOCKS to go), the new blocks are read by hash.
                 near_head = 0 < safe - start + 1 <= settings.INDEXER_LOGS_BY_HASH_BLOCKS
-                fetched = _fetch(cursor, read_from, end, new_from=start if near_head else None)
+                # Deeper below the head than a reorg the indexer follows, a range is final: read without walking it.
+                final = result.head - end > settings.INDEXER_REORG_WINDOW_BLOCKS
+                fetched = _fetch(cursor, read_from, end, new_from=start if near_head else None, final=final)
                 if fetched is None:
                     break  # the chain changed while we read: the next pass starts with the reorg check
                 end_hash, logs = fetched
                 if end == safe and not _confirmed_above(end, end_hash):
                     break  # the head named is not on top of `end`: the next pass reads it again
-                walked += 0 if near_head else end - start + 1  # the headers `_fetch` read by hash: see below
                 cursor = _apply_range(cursor, end, end_hash, logs)
                 result.ranges += 1
                 result.events += sum(log["blockNumber"] >= start for log in logs)
-                if walked >= settings.INDEXER_BLOCK_RANGE:
-                    break  # one range's headers a pass, at most, catching up: the next pass goes on (the beat's)
         except chain.ChainError as error:
             IndexerCursor.objects.filter(pk=cursor_pk).update(last_error=f"{type(error).__name__}: {error}"[:500])
             raise
@@ -172,7 +168,8 @@ def _confirmed_above(number: int, block_hash: str) -> bool:
     return chain.blocks_above_descend(number, block_hash, depth=settings.CHAIN_CONFIRMATIONS)
 
 
-def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None = None) -> tuple[str, list] | None:
+def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None = None,
+           final: bool = False) -> tuple[str, list] | None:
     """The logs of [start, end] and the hash of `end`; None when the chain changed while we read (a reorg), or a
     node has not a block of it yet: `end` must keep its hash across the reads, and the cursor's block must still be
     canonical after them. With `new_from` (the pass follows the head: at most INDEXER_LOGS_BY_HASH_BLOCKS to go),
@@ -181,7 +178,8 @@ def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None 
     provider's backend that has not followed a reorg answers a height with the block of the fork the chain left,
     whose events no reorg check would compare again (the cursor's block being canonical). Read as a range, `end`
     must descend from the cursor's block, and each block holding a log from `end`, walked by parent hashes
-    (`_range_logs_check`)."""
+    (`_range_logs_check`), unless `final` (deeper below the head than INDEXER_REORG_WINDOW_BLOCKS, where no reorg the
+    indexer follows reaches: a catch-up reads no header a block there, each log's block checked by its height)."""
     end_hashes = chain.canonical_block_hashes(end)
     end_hash = None if end_hashes is None else end_hashes[0]
     range_end = end if new_from is None else new_from - 1
@@ -204,13 +202,13 @@ def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None 
     # are checked against it from the cursor's block down, a walk the previous pass's made already (cached).
     top = (cursor.last_block, cursor.last_block_hash) if new_from is not None and cursor.last_block is not None \
         else (end, end_hash)
-    if not _range_logs_check([log for log in logs if new_from is None or log["blockNumber"] < new_from], top):
+    if not _range_logs_check([log for log in logs if new_from is None or log["blockNumber"] < new_from], top,
+                             by_height=final):
         return None
     # Read as a range, `end` must descend from the cursor's block (read by hash, as the logs' blocks): a backend still
     # on a branch a reorg dropped answers the cursor's height with its block, hiding the reorg, and the range of the
     # new branch was applied on top, the dropped branch's events left applied for good.
-    if new_from is None and cursor.last_block is not None and end - cursor.last_block <= \
-            settings.INDEXER_REORG_WINDOW_BLOCKS and (
+    if new_from is None and cursor.last_block is not None and not final and (
             (chain.block_below((end, end_hash), cursor.last_block) or "").lower() != cursor.last_block_hash.lower()):
         logger.warning("the indexer's range does not descend from its last block: a reorg not seen yet, or a node "
                        "behind; read again at the next pass", extra={"block": cursor.last_block, "end": end})
@@ -219,7 +217,7 @@ def _fetch(cursor: IndexerCursor, start: int, end: int, *, new_from: int | None 
     return end_hash, sorted(unique.values(), key=lambda log: (log["blockNumber"], log["logIndex"]))
 
 
-def _range_logs_check(logs: list, top: tuple[int, str]) -> bool:
+def _range_logs_check(logs: list, top: tuple[int, str], *, by_height: bool = False) -> bool:
     """The logs of a range read are of the blocks of the chain that ends with block `top` (number, hash): each block
     holding one is `top`'s ancestor at its height, read from `top` down by parent hashes (`chain.block_below`: a
     block by its hash is the same whichever backend answers it). UntrustedAnswer otherwise; False when a block of
@@ -228,10 +226,11 @@ def _range_logs_check(logs: list, top: tuple[int, str]) -> bool:
     a dead block in the middle of a range caught up passed, its event stored under a block no reorg check compares
     with the chain again (the cursor's block being canonical), applied for good. The walk costs one header a block,
     from `top` down to the lowest block holding a log, once per process (`chain._parent_hash` keeps them), as
-    following the head reads one a block; a range without logs walks nothing."""
+    following the head reads one a block; a range without logs walks nothing. `by_height`: a final range's (deeper
+    than a reorg the indexer follows), each block holding a log asked by its height, no walk."""
     for number, block_hash in sorted({(log["blockNumber"], chain.hex_text(log["blockHash"]).lower())
                                       for log in logs}, reverse=True):
-        found = chain.block_below(top, number)
+        found = chain.canonical_block_hash(number) if by_height else chain.block_below(top, number)
         if found is None:
             return False
         if found.lower() != block_hash:
