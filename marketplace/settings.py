@@ -288,6 +288,9 @@ CELERY_BEAT_SCHEDULE["poll-masumi-availability"] = {
 
 # --- Agreements and policies ----------------------------------------------------------------------------------
 APPROVAL_TTL = timedelta(hours=env.int("APPROVAL_TTL_HOURS", default=24))
+# Requests one buyer agent may have waiting in its owner's queue at once (a purchase past it is 409): the bound on
+# unfunded agreements is per seller, and an agent proposing to every seller filled the owner's queue.
+APPROVALS_PENDING_PER_AGENT = env.int("APPROVALS_PENDING_PER_AGENT", default=50)
 PROPOSAL_TTL = timedelta(hours=env.int("PROPOSAL_TTL_HOURS", default=72))
 AGREEMENT_DEFAULT_DURATION = timedelta(days=env.int("AGREEMENT_DEFAULT_DAYS", default=7))
 AGREEMENT_MAX_DURATION = timedelta(days=env.int("AGREEMENT_MAX_DAYS", default=365))

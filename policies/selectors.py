@@ -1,3 +1,4 @@
+from datetime import datetime
 from functools import lru_cache
 
 from django.db import connection
@@ -29,6 +30,11 @@ def approval_given(*, subject_type: str, subject_id) -> bool:
     """Whether the owner approved this subject (its one approval request)."""
     return ApprovalRequest.objects.filter(subject_type=subject_type, subject_id=subject_id,
                                           status=ApprovalStatus.APPROVED).exists()
+
+
+def approvals_pending_count(*, agent: Agent, now: datetime) -> int:
+    """How many of the agent's approval requests wait for its owner (pending and not past their deadline)."""
+    return ApprovalRequest.objects.filter(agent=agent, status=ApprovalStatus.PENDING, expires_at__gt=now).count()
 
 
 def approvals_of_agent(*, agent: Agent, status: str | None = None):

@@ -17,6 +17,7 @@ from catalog import services as catalog_services
 from catalog.models import Agent
 from marketplace import sweeps
 from marketplace.errors import Conflict, InvalidInput
+from policies import selectors
 from policies.models import ApprovalRequest, ApprovalStatus, Policy
 
 # (subject_id=, outcome=, actor=, note=) -> None, or the Conflict to answer when the subject could no longer be
@@ -80,10 +81,20 @@ def _policy_write(*, agent: Agent, actor, data: dict, keep_missing: bool = False
 def approval_request_create(*, agent: Agent, subject_type: str, subject_id: UUID, amount: int, rule: str,
                             summary: dict, possible_until: datetime) -> ApprovalRequest:
     """A request open for APPROVAL_TTL, and never past `possible_until`, when the subject can no longer be bought:
-    a later approval would consent to nothing, and the owner is shown the deadline that really holds."""
+    a later approval would consent to nothing, and the owner is shown the deadline that really holds.
+    409 `pending_approvals_limit_reached` (nothing created) when the agent has APPROVALS_PENDING_PER_AGENT requests
+    waiting already: the bound on its unfunded agreements is per seller, and an agent proposing to every seller
+    filled its owner's queue. Call with the agent's row locked (the proposal's policy check locks it), so that
+    concurrent proposals cannot all slip under the bound."""
+    now = timezone.now()
+    limit = settings.APPROVALS_PENDING_PER_AGENT
+    if selectors.approvals_pending_count(agent=agent, now=now) >= limit:
+        raise Conflict(f"{limit} purchases of this agent already wait for its owner's approval: wait for the owner "
+                       "to decide them (or cancel some) before proposing another that needs one.",
+                       code="pending_approvals_limit_reached", details={"max_pending_approvals": limit})
     return ApprovalRequest.objects.create(
         agent=agent, subject_type=subject_type, subject_id=subject_id, amount=amount, rule=rule, summary=summary,
-        expires_at=min(timezone.now() + settings.APPROVAL_TTL, possible_until),
+        expires_at=min(now + settings.APPROVAL_TTL, possible_until),
     )
 
 

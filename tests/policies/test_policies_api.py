@@ -10,7 +10,7 @@ from agreements.models import UsageAgreement
 from marketplace.sweeps import RowsFailed
 from policies.models import ApprovalRequest
 from tests.agreements.helpers import proposal, propose
-from tests.catalog.factories import UserFactory, issue_owner_token, register_service
+from tests.catalog.factories import AgentFactory, UserFactory, issue_owner_token, register_service
 from tests.conftest import Api, codes_at, error_code
 from tests.policies.helpers import whole_policy
 from tests.support.openapi import assert_documented
@@ -694,3 +694,28 @@ def test_a_rule_stored_in_a_form_the_api_does_not_write_is_shown_flagged_not_as_
     assert set_again.status_code == 200, set_again.content
     assert set_again.json()["unreadable_rules"] == [] and set_again.json()[rule] == []
     assert owner_api.get(url).json()["unreadable_rules"] == []
+
+
+def test_a_buyer_agent_cannot_flood_its_owner_with_approval_requests(owner_api, buyer, buyer_api, settings):
+    """The only bound on what a buyer agent put in its owner's approval queue was per seller (its unfunded
+    agreements with each, `UNFUNDED_AGREEMENTS_PER_SELLER`): an agent gone wrong, or talked into it by a seller's
+    text, proposing to every seller of the catalogue filled its owner's queue with thousands of pending requests, the
+    owner's real one lost among them. Past `APPROVALS_PENDING_PER_AGENT` a proposal that would wait is 409, nothing
+    recorded; one the policy allows outright still goes through, and a decision frees a place."""
+    settings.UNFUNDED_AGREEMENTS_PER_SELLER = 2
+    settings.APPROVALS_PENDING_PER_AGENT = 3
+    services = [register_service(AgentFactory(handle=f"flood-seller-{index}", is_buyer=False, is_seller=True))
+                for index in range(3)]
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 250_000})
+    held = [propose(buyer_api, service)["id"] for service in (services[0], services[0], services[1])]
+
+    flood = buyer_api.post("/usage-agreements", proposal(services[2]))
+
+    assert flood.status_code == 409, flood.content
+    assert error_code(flood) == "pending_approvals_limit_reached"
+    assert flood.json()["error"]["details"] == {"max_pending_approvals": 3}
+    assert UsageAgreement.objects.filter(buyer=buyer).count() == 3
+    assert propose(buyer_api, services[2], quantity=1)["status"] == "proposed"  # below the threshold: not held
+    approval = ApprovalRequest.objects.get(subject_id=held[0])
+    assert owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/reject").status_code == 200
+    assert propose(buyer_api, services[2])["status"] == "pending_approval"
