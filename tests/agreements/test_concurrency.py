@@ -46,6 +46,37 @@ def test_concurrent_proposals_cannot_both_slip_under_a_cap():
 
 
 
+
+def test_concurrent_proposals_cannot_all_slip_under_the_bound_on_pending_approvals(settings):
+    """The bound on the approval requests a buyer agent has waiting (APPROVALS_PENDING_PER_AGENT) is counted under the
+    agent's row lock its policy check takes: proposals sent at once cannot each see a free place."""
+    settings.APPROVALS_PENDING_PER_AGENT = 2
+    owner = UserFactory()
+    buyer = AgentFactory(owner=owner, is_buyer=True, is_seller=False)
+    service = register_service(AgentFactory(is_seller=True))
+    Api(issue_owner_token(owner)).put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    buyer_key = issue_key(buyer)
+    threads_count = 6
+    barrier = threading.Barrier(threads_count)
+    statuses: list[int] = []
+
+    def propose():
+        try:
+            api = Api(buyer_key)
+            barrier.wait()
+            statuses.append(api.post("/usage-agreements", proposal(service)).status_code)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=propose) for _ in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(statuses) == [201] * 2 + [409] * 4
+    assert UsageAgreement.objects.filter(buyer=buyer, status="pending_approval").count() == 2
+
 def posted_at_once(*calls: tuple[Api, str]) -> list[int]:
     """The status codes of POSTs (client, path) sent from one thread each, released together."""
     barrier = threading.Barrier(len(calls))
