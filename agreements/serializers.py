@@ -7,6 +7,7 @@ from rest_framework import serializers
 from agreements import selectors
 from agreements.models import APPROVAL_SUBJECT, AgreementEvent, AgreementStatus, SettlementModel
 from agreements.webhooks import UNDONE_EVENT_TYPE
+from marketplace import shown_text
 from marketplace.pagination import PageQuerySerializer
 from marketplace.serializers import (
     AddressSerializerField,
@@ -139,6 +140,11 @@ class ProposalSerializer(StrictSerializer):
 
 class ReasonSerializer(StrictSerializer):
     reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+
+    def validate_reason(self, value):
+        """Shown to the other party (the agreement's events) as written."""
+        shown_text.refuse_unsafe(value, field="reason", prose=True)
+        return value
 
 
 class AgreementListQuery(StrictSerializer, PageQuerySerializer):
@@ -513,6 +519,10 @@ class RecordUsageSerializer(StrictSerializer):
         if forms != 1:
             raise serializers.ValidationError("Give one of units (one event), events (a batch) or units_used (the "
                                               "running total).", code="units_or_events")
+        # Shown to the buyer and to staff as written (a plain report, `plain_usage_report`, is ASCII printable).
+        shown_text.refuse_unsafe(attrs["description"], field="description", prose=True)
+        for index, entry in enumerate(attrs.get("events", ())):
+            shown_text.refuse_unsafe(entry["description"], field=f"events.{index}.description", prose=True)
         if attrs["completed"] and "units_used" not in attrs:
             raise serializers.ValidationError({"completed": [serializers.ErrorDetail(
                 "Only with units_used; otherwise POST /usage-agreements/{id}/complete.", code="units_used_only")]})
@@ -536,6 +546,11 @@ class RecordedUsageSerializer(AgreementSerializer):
 
 class CompleteSerializer(StrictSerializer):
     reason = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+
+    def validate_reason(self, value):
+        """Shown to the other party (the agreement's `completion_reason`) as written."""
+        shown_text.refuse_unsafe(value, field="reason", prose=True)
+        return value
 
 
 class InvokeSerializer(StrictSerializer):

@@ -50,10 +50,7 @@ def _check_shown_text(value, *, field: str, prose: bool = False) -> None:
     """Every text in `value` (nested objects and lists too, the keys of free-form ones included), shown to buyers as
     written: 400 `unsafe_characters` naming the field and the characters (marketplace.shown_text)."""
     if isinstance(value, str):
-        characters = shown_text.unsafe_characters(value, prose=prose)
-        if characters:
-            raise InvalidInput(shown_text.message(characters), code=shown_text.CODE,
-                               details={"fields": [field], "characters": characters})
+        shown_text.refuse_unsafe(value, field=field, prose=prose)
     elif isinstance(value, dict):
         for key, item in value.items():
             inner = f"{field}.{key}" if field else str(key)

@@ -15,6 +15,8 @@ descriptions, an agent's display name): it must read as it acts. Refused, wherev
 
 import unicodedata
 
+from marketplace.errors import InvalidInput
+
 CODE = "unsafe_characters"
 _JOINERS = frozenset("\u200c\u200d")
 _DIRECTION_MARKS = frozenset("\u200e\u200f\u061c")
@@ -38,6 +40,16 @@ def unsafe_characters(text: str, *, prose: bool = False) -> list[str]:
 def message(characters: list[str]) -> str:
     return (f"Control or invisible formatting characters are not allowed in text shown to others: "
             f"{', '.join(characters)}.")
+
+
+def refuse_unsafe(text: str, *, field: str, prose: bool = False) -> None:
+    """400 `unsafe_characters` naming `field` and the characters, if `text` holds any refused (a plain ASCII line
+    is checked at the cost of two C calls)."""
+    if text.isascii() and text.isprintable():
+        return
+    characters = unsafe_characters(text, prose=prose)
+    if characters:
+        raise InvalidInput(message(characters), code=CODE, details={"fields": [field], "characters": characters})
 
 
 def printable(text: str) -> str:

@@ -118,6 +118,14 @@ def test_reject_with_reason(buyer_api, seller_api, service):
     assert len(statuses(agreement["id"])) == 2
 
 
+def test_a_rejection_reason_shown_to_the_buyer_is_refused_with_invisible_format_characters(buyer_api, seller_api,
+                                                                                           service):
+    agreement = propose(buyer_api, service)
+    refused = seller_api.put(f"/usage-agreements/{agreement['id']}/reject", {"reason": "booked \u202enuf"})
+    assert refused.status_code == 400 and error_code(refused) == "unsafe_characters", refused.content
+    assert UsageAgreement.objects.get(pk=agreement["id"]).status == "proposed"
+
+
 def test_buyer_cancels_before_activation_but_not_after(buyer_api, seller_api, service):
     agreement = propose(buyer_api, service)
     seller_api.put(f"/usage-agreements/{agreement['id']}/accept")

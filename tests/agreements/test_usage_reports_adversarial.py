@@ -142,3 +142,37 @@ def test_a_report_racing_the_buyers_completion_is_either_in_the_proposal_or_refu
     tx = settlement.settlement_propose(agreement_id=parties.agreement_id, now=chain_clock.chain_now())
     used = 40_000 if reported.status_code == 201 else 0
     assert tx.context["cumulative"] == used == UsageAgreement.objects.get(pk=parties.agreement_id).used
+
+
+@pytest.mark.parametrize("description", ["\u202eevil", "pay \u2066me\u2069", "\x1b[2Jcleared", "a\u200bb", "a\x7fb",
+                                         "tag\U000e0041"])
+def test_a_usage_description_shown_to_the_buyer_is_refused_with_control_or_invisible_format_characters(
+        active, description):
+    """A seller's usage description is shown to the buyer (`GET .../usage`) and to staff as written: a bidi override
+    reads otherwise than it is, a terminal escape rewrites an operator's screen (marketplace.shown_text)."""
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    for number, (body, field) in enumerate((({"units": 1, "description": description}, "description"),
+                                            ({"events": [{"units": 1}, {"units": 1, "description": description}]},
+                                             "events.1.description"))):
+        refused = active.seller_api.post(url, body, headers={"Idempotency-Key": f"shown-{number}"})
+        assert refused.status_code == 400 and error_code(refused) == "unsafe_characters", refused.content
+        assert refused.json()["error"]["details"]["fields"] == [field], refused.content
+    assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 0
+
+
+def test_a_usage_description_keeps_its_lines_and_right_to_left_text(active):
+    description = "\u200fسطر\nline\ttwo \U0001f469\u200d\U0001f4bb"
+    response = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
+                                      {"units": 1, "description": description}, headers={"Idempotency-Key": "rtl"})
+    assert response.status_code == 201, response.content
+    [event] = active.buyer_api.get(f"/usage-agreements/{active.agreement_id}/usage").json()["results"]
+    assert event["description"] == description
+
+
+def test_a_completion_reason_shown_to_the_other_party_is_refused_with_invisible_format_characters(active):
+    refused = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/complete",
+                                     {"reason": "done \u202e"})
+    assert refused.status_code == 400 and error_code(refused) == "unsafe_characters", refused.content
+    assert UsageAgreement.objects.get(pk=active.agreement_id).completion_requested_at is None
+
