@@ -519,6 +519,9 @@ class RecordUsageSerializer(StrictSerializer):
         if forms != 1:
             raise serializers.ValidationError("Give one of units (one event), events (a batch) or units_used (the "
                                               "running total).", code="units_or_events")
+        if "events" in attrs and "description" in self.initial_data:
+            raise serializers.ValidationError({"description": [serializers.ErrorDetail(
+                "A batch has no description of its own: give each event's in events.", code="events_carry_descriptions")]})
         # Shown to the buyer and to staff as written (a plain report, `plain_usage_report`, is ASCII printable).
         shown_text.refuse_unsafe(attrs["description"], field="description", prose=True)
         for index, entry in enumerate(attrs.get("events", ())):

@@ -9,7 +9,7 @@ from django.db import connection
 from agreements.models import UsageAgreement, UsageEvent
 from escrow import chain_clock, settlement
 from sdk import receipts
-from tests.conftest import error_code, read_to_its_end
+from tests.conftest import codes_at, error_code, read_to_its_end
 from tests.escrow.flow import Parties, onchain_escrow
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -176,3 +176,15 @@ def test_a_completion_reason_shown_to_the_other_party_is_refused_with_invisible_
     assert refused.status_code == 400 and error_code(refused) == "unsafe_characters", refused.content
     assert UsageAgreement.objects.get(pk=active.agreement_id).completion_requested_at is None
 
+
+
+@pytest.mark.parametrize("description", ["the whole batch", ""])
+def test_a_batchs_own_description_is_refused_not_dropped(active, description):
+    """`description` beside `events` was taken and dropped: each event was recorded without it, the seller told
+    201 (a body otherwise refuses any field it does not use, `unknown_field`)."""
+    response = active.seller_api.post(f"/usage-agreements/{active.agreement_id}/record-usage",
+                                      {"events": [{"units": 1}], "description": description},
+                                      headers={"Idempotency-Key": "batch-description"})
+    assert response.status_code == 400 and codes_at(response, "description") == {"events_carry_descriptions"}, \
+        response.content
+    assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()
