@@ -629,7 +629,7 @@ class PaymentView(APIView):
     @extend_schema(operation_id="masumi_payment_create", tags=SELLER_TAGS, request=PaymentCreateSerializer,
                    summary="Masumi: request payment for one job of your service (a masumi seller's /start_job "
                            "does); hand the buyer its blockchainIdentifier",
-                   responses={200: PaymentEnvelope, **error_responses(404, 422, 503)})
+                   responses={200: PaymentEnvelope, **error_responses(404, 409, 422, 503)})
     @idempotent(prepare=lambda view, request: _payment_prepared(request))
     def post(self, request, prepared: dict):
         return _success(payment_payload(purchases.payment_request_create(**prepared)))

@@ -247,6 +247,8 @@ class MasumiPaymentRequest(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # A seller's newest requests (`GET /payment`) and those a new one counts against (its bound of unpaid ones).
+        indexes = [models.Index(fields=["service", "-created_at"], name="masumi_payreq_service_created")]
         constraints = [
             models.CheckConstraint(
                 condition=Q(pay_by_time__lt=models.F("submit_result_time"))

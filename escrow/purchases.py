@@ -73,7 +73,7 @@ import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -478,10 +478,38 @@ def payment_request_create(*, seller: Agent, service: Service, identifier_from_p
             return purchase
     deadline_now, chain_now = clock or request_clock()
     at = _timers(deadline_now, timers, chain_now=chain_now)
-    return MasumiPaymentRequest.objects.create(
-        service=service, identifier_from_purchaser=identifier_from_purchaser, input_hash=input_hash or "",
-        metadata=metadata, unit_price=service.unit_price, token=service.token,
-        **{name: _moment(value) for name, value in at.items()})
+    with transaction.atomic():
+        _check_unpaid_payment_requests(seller)
+        return MasumiPaymentRequest.objects.create(
+            service=service, identifier_from_purchaser=identifier_from_purchaser, input_hash=input_hash or "",
+            metadata=metadata, unit_price=service.unit_price, token=service.token,
+            **{name: _moment(value) for name, value in at.items()})
+
+
+UNPAID_PAYMENT_REQUESTS_WINDOW = timedelta(days=1)
+
+
+def _check_unpaid_payment_requests(seller: Agent) -> None:
+    """409 `payment_requests_limit_reached` once the seller has MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER unpaid
+    payment requests still payable or requested within UNPAID_PAYMENT_REQUESTS_WINDOW: a request costs its seller
+    nothing and is kept for ever, so requesting in a loop (bounded only by the rate limit) grew the table without
+    bound. Call inside the transaction that writes the request: the seller's row is locked, so two requests at once
+    cannot both slip under the bound."""
+    Agent.objects.select_for_update().filter(pk=seller.pk).values_list("pk").get()
+    now = timezone.now()
+    limit = settings.MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER
+    # One still payable was requested at most MAX_LOCK_SECONDS before its payByTime (its unlockTime is at most that
+    # far ahead of the chain's clock, which leads the wall clock by less than a day): a range of the index on
+    # (service, created_at), not every request the seller ever made.
+    unpaid = (MasumiPaymentRequest.objects
+              .filter(service__seller=seller, purchase__isnull=True,
+                      created_at__gte=now - timedelta(seconds=MAX_LOCK_SECONDS) - UNPAID_PAYMENT_REQUESTS_WINDOW)
+              .filter(Q(created_at__gte=now - UNPAID_PAYMENT_REQUESTS_WINDOW) | Q(pay_by_time__gt=now)))
+    if unpaid[:limit].count() >= limit:
+        raise Conflict(f"You have {limit} unpaid payment requests still payable or made in the last day; wait for "
+                       "buyers to pay them, or for them to age out.", code="payment_requests_limit_reached",
+                       details={"max_unpaid_payment_requests": limit,
+                                "window_seconds": int(UNPAID_PAYMENT_REQUESTS_WINDOW.total_seconds())})
 
 
 def payment_submit_result(*, seller: Agent, purchase: MasumiPurchase, result_hash: str) -> MasumiPurchase:

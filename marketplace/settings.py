@@ -398,6 +398,9 @@ MASUMI_INPUT_DATA_MAX_BYTES = env.int("MASUMI_INPUT_DATA_MAX_BYTES", default=64 
 # A page of a buyer's Masumi purchases (GET /purchase) stops once its results (each a seller's answer, up to
 # UPSTREAM_ANSWER_MAX_BYTES) reach this many characters, holding at least one purchase: escrow.selectors.purchases_page.
 MASUMI_PURCHASES_PAGE_RESULT_CHARACTERS = env.int("MASUMI_PURCHASES_PAGE_RESULT_CHARACTERS", default=4 * 1024 * 1024)
+# A seller's Masumi payment requests (`POST /payment`) that no buyer paid, still payable or made in the last day:
+# beyond, 409 `payment_requests_limit_reached` (a request costs nothing and is kept: escrow.purchases).
+MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER = env.int("MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER", default=1000)
 # A skill invocation's `input`, at most this many bytes of JSON (kept with the invocation, sent to the seller).
 SKILL_INPUT_MAX_BYTES = env.int("SKILL_INPUT_MAX_BYTES", default=64 * 1024)
 # Registered services a seller lists at once (each is in every buyer's search).

@@ -617,3 +617,27 @@ def test_an_identifier_from_purchaser_with_spaces_is_kept_as_the_buyer_hashed_it
         "network": "Preprod", "agentIdentifier": str(parties.service.pk), "identifierFromPurchaser": identifier})
     assert requested.status_code == 200, requested.content
     assert requested.json()["data"]["identifierFromPurchaser"] == identifier
+
+
+def test_a_seller_keeps_at_most_its_bound_of_unpaid_payment_requests(parties, escrow_chain, settings):
+    """A payment request costs its seller nothing and is kept for ever, paid or not: a seller (any of its pay keys)
+    requesting payments in a loop, bounded only by the API's rate limit (6,000 a minute), wrote ~1.3 kB a row
+    without bound, and each `GET /payment` sorted all of them. At most MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER are
+    unpaid and either still payable or requested in the last day; beyond, 409 `payment_requests_limit_reached`,
+    nothing written. A paid request no longer counts."""
+    from escrow.models import MasumiPaymentRequest
+
+    settings.MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER = 3
+    pay_by = deadline_clock(escrow_chain) + 600
+    payments = [payment_request(parties, pay_by, identifierFromPurchaser=f"order-{n}") for n in range(3)]
+    body = {"agentIdentifier": str(parties.service.pk), "network": "Preprod", "identifierFromPurchaser": "order-x",
+            "payByTime": iso(pay_by), "submitResultTime": iso(pay_by + 3600)}
+    refused = parties.seller_api.post("/payment/", body)
+    assert refused.status_code == 409, refused.content
+    assert error_code(refused) == "payment_requests_limit_reached"
+    assert refused.json()["error"]["details"]["max_unpaid_payment_requests"] == 3
+    assert MasumiPaymentRequest.objects.filter(service__seller=parties.seller).count() == 3
+
+    paid = parties.buyer_api.post("/purchase/", paying_body(parties, payments[0], identifierFromPurchaser="order-0"))
+    assert paid.status_code == 200, paid.content
+    assert parties.seller_api.post("/payment/", body).status_code == 200  # the paid one no longer counts
