@@ -13,7 +13,7 @@ import pytest
 
 from catalog.models import Service
 from marketplace import bounded_json
-from tests.catalog.factories import AgentFactory, issue_key, register_service, service_data
+from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service, service_data
 from tests.conftest import Api, codes_at, error_code
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,3 +177,26 @@ def test_a_deep_payment_header_is_a_malformed_payment(escrow_chain, skill_route)
                                  content_type="application/json", HTTP_X_PAYMENT_SIGNATURE=header)
     assert response.status_code == 402, response.content
     assert response.json()["error"] == "malformed_payment"
+
+
+@pytest.mark.parametrize("path", ["/catalog/search", "/owner-tokens"])
+def test_a_body_of_many_unknown_fields_is_refused_naming_a_few_not_echoing_every_one(db, path):
+    """A body within the upload limit made of unknown fields (2.3 MB: 200,000 keys `{"0": 0, "1": 0, ...}`) was
+    answered with every one of them named, each with its code and message: a 12 MB answer, built and rendered by a
+    web thread for ~20 s of CPU, from one request any key holder sends. The refusal names the first
+    UNKNOWN_FIELDS_NAMED (in sorted order) and says how many there were."""
+    from marketplace.serializers import UNKNOWN_FIELDS_NAMED
+
+    buyer = AgentFactory(is_buyer=True)
+    api = Api(issue_key(buyer)) if path == "/catalog/search" else Api(issue_owner_token(buyer.owner))
+    body = json.dumps({f"{n:x}": 0 for n in range(200_000)}).encode()
+    response = api.client.generic("POST", path, body, content_type="application/json")
+    assert response.status_code == 400
+    fields = response.json()["error"]["details"]["fields"]
+    unknown = sorted(name for name, errors in fields.items() if errors[0]["code"] == "unknown_field")
+    assert unknown == sorted(f"{n:x}" for n in range(200_000))[:UNKNOWN_FIELDS_NAMED]
+    assert fields["non_field_errors"][0]["code"] == "too_many_unknown_fields"
+    assert "200000" in fields["non_field_errors"][0]["message"]
+    assert len(response.content) < 4096
+    few = api.post(path, {"q": "x", "zz": 0})  # a few: each named, as before
+    assert codes_at(few, "zz") == {"unknown_field"} and "non_field_errors" not in few.json()["error"]["details"]["fields"]
