@@ -43,7 +43,7 @@ class PolicySerializer(StrictSerializer):
     allowed_tags = TagListField(required=False, min_length=0, max_length=500)
     blocked_tags = TagListField(required=False, min_length=0, max_length=500)
     allowed_tokens = serializers.ListField(child=serializers.ChoiceField(choices=settings.SUPPORTED_TOKENS),
-                                           required=False)
+                                           required=False, max_length=50)
     updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
     unreadable_rules = UnreadableRuleSerializer(many=True, read_only=True)  # a GET's, sent back: ignored
 
