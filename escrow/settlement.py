@@ -517,8 +517,8 @@ def settlement_resolution_prepare(*, agreement: UsageAgreement, seller_amount: i
     opens, an idempotent request's too). Not once the dispute timed out (409 `dispute_timed_out`): the contract's
     `resolve` reverts from then on, and the escrow is the buyer's (`_finalize_timed_out_dispute`). Not more to the
     seller than the proposal the buyer disputed (400 `amount_exceeds_proposal`): what its signed receipts add up to
-    is all the seller claimed, and the dispute asks whether that is too much (the contract bounds it by the deposit
-    only)."""
+    is all the seller claimed, and the dispute asks whether that is too much (the contract's `resolve` reverts
+    AmountExceedsProposal too; a deployment from before that bound it by the deposit only)."""
     if seller_amount > agreement.deposit_amount:
         raise InvalidInput("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
     # The terms too from the chain: from the node while the indexer has not applied the activation.

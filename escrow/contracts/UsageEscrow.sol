@@ -152,8 +152,8 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
         /// @dev Proposed: the challenge window's end. Disputed (and Resolved): the dispute's timeout.
         uint40 challengeDeadline;
         uint72 lastSeq;
-        /// @dev Seller's amount: the proposed cumulative amount, then the arbiter's decision if disputed (0 when the
-        /// dispute timed out).
+        /// @dev Seller's amount: the proposed cumulative amount, then the arbiter's decision if disputed (at most the
+        /// proposal; 0 when the dispute timed out).
         uint128 settledAmount;
     }
 
@@ -275,6 +275,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     error ProposalPeriodOver(uint64 reclaimAfter);
     error StaleReceipt(uint256 seq, uint256 lastSeq);
     error AmountExceedsDeposit(uint256 amount, uint256 depositAmount);
+    error AmountExceedsProposal(uint256 amount, uint256 proposedAmount);
     error ChallengeWindowClosed(uint64 challengeDeadline);
     error ChallengeWindowOpen(uint64 challengeDeadline);
     error DisputeNotTimedOut(uint64 disputeTimeout);
@@ -549,12 +550,16 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     /// @notice The arbiter decides a dispute: the seller gets `sellerAmount`, the buyer the rest of the
     /// deposit. Disputed -> Resolved; `finalize` then pays out. Only before the dispute's timeout
     /// (`block.timestamp < challengeDeadline`, see DISPUTE_TIMEOUT): from then on it reverts DisputeTimedOut and the
-    /// escrow is the buyer's (`finalize`), so a late decision never races the timeout. Reverts AmountExceedsDeposit.
+    /// escrow is the buyer's (`finalize`), so a late decision never races the timeout. Reverts AmountExceedsDeposit,
+    /// and AmountExceedsProposal when `sellerAmount` is more than the proposal the buyer disputed (its signed
+    /// receipts are all the seller claimed): an arbiter, rogue or compromised, can uphold the proposal or cut it,
+    /// never leave the buyer worse off for disputing.
     function resolve(bytes32 id, EscrowTerms calldata t, uint256 sellerAmount) external onlyRole(ARBITER_ROLE) {
         IntentSlot storage e = _escrow(id, t);
         if (e.state != State.Disputed) revert InvalidState(id, e.state);
         if (block.timestamp >= e.challengeDeadline) revert DisputeTimedOut(e.challengeDeadline);
         if (sellerAmount > t.depositAmount) revert AmountExceedsDeposit(sellerAmount, t.depositAmount);
+        if (sellerAmount > e.settledAmount) revert AmountExceedsProposal(sellerAmount, e.settledAmount);
         e.state = State.Resolved;
         e.settledAmount = uint128(sellerAmount); // <= depositAmount, which fits in 128 bits
         emit Resolved(id, t.buyer, msg.sender, sellerAmount, t.depositAmount - sellerAmount);

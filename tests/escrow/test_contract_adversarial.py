@@ -236,3 +236,22 @@ def test_a_token_returning_false_defers_payouts_and_keeps_fees(esc, chain):
         400_000, 600_000)
     esc.pay_fees()
     assert esc.balance(esc.escrow.address) == 0
+
+
+def test_an_arbiter_cannot_award_the_seller_more_than_the_disputed_proposal(esc, chain):
+    """A compromised or rogue arbiter key (any ARBITER_ROLE holder, whatever the platform's API checks) colluding
+    with the seller: the buyer disputed a proposal as too much, and `resolve` paid the seller more than it claimed, up
+    to the whole deposit. The contract bounds the award by the disputed proposal, so a dispute never leaves the buyer
+    worse off than not disputing; the proposal itself may still be upheld."""
+    typed, _ = esc.activate(challenge_window=WINDOW)
+    agreement_id = typed["message"]["agreementId"]
+    _proposed(esc, agreement_id, amount=400_000)
+    esc.tx(esc.fn("challenge", agreement_id), esc.acc.buyer)
+    for award in (400_001, 1_000_000):
+        esc.reverts(esc.fn("resolve", agreement_id, award), esc.acc.arbiter, "AmountExceedsProposal", award, 400_000)
+    assert esc.state(agreement_id) == "Disputed"
+    esc.tx(esc.fn("resolve", agreement_id, 400_000), esc.acc.arbiter)  # upholding the proposal whole is fine
+    seller_before, buyer_before = esc.balance(esc.acc.seller), esc.balance(esc.acc.buyer)
+    esc.tx(esc.fn("finalize", agreement_id), esc.acc.stranger)
+    assert esc.balance(esc.acc.seller) - seller_before == 400_000
+    assert esc.balance(esc.acc.buyer) - buyer_before == 600_000
