@@ -149,8 +149,8 @@ class UsageAgreementAdmin(IndexedSearch, PrivateContentAdmin, MoneyRecordAdmin):
     list_select_related = ("buyer", "seller", "service")
     inlines = [AgreementEventInline, UsageEventInline]
     fieldsets = [
-        (None, {"fields": ("id", "status", "status_reason", "settlement_model", "buyer", "seller", "service",
-                           "note")}),
+        (None, {"fields": ("id", "status", "status_reason", "status_code", "settlement_model", "buyer", "seller",
+                           "service", "note")}),
         ("Money", {"fields": ("deposit_display", "price_display", "quantity_text", "used_display",
                               "reserved_display", "remaining_display", "infra_fee_display", "seller_payout_display",
                               "buyer_refund_display")}),

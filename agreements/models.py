@@ -232,6 +232,9 @@ class UsageAgreement(PaymentReversal):
                                         default=SettlementModel.ESCROW)
     status = models.CharField(max_length=20, choices=AgreementStatus.choices)
     status_reason = models.CharField(max_length=500, blank=True)
+    # The machine-readable code of status_reason where the step into the status has one (a failed payment's, a
+    # rejection's, an expiry's), also its event's data.code; empty otherwise. Set by the transition alone.
+    status_code = models.CharField(max_length=64, blank=True, default="")
 
     # Terms, frozen at proposal.
     pricing_type = models.CharField(max_length=10)

@@ -177,6 +177,12 @@ class AgreementSerializer(FieldsBoundOnceSerializer):
     onchain_id = serializers.CharField(help_text="bytes32 id of the agreement in the escrow contract.")
     status = serializers.ChoiceField(choices=AgreementStatus.choices)
     status_reason = serializers.CharField()
+    status_code = serializers.CharField(
+        help_text="The machine-readable code of `status_reason` where the step into the status has one, also its "
+                  "event's `data.code`: a failed direct purchase's (payment_failed: e.g. authorization_already_used, "
+                  "fee_permit_stale, policy_denied), an activation's failure (agreement_id_taken, "
+                  "activation_reverted), a rejection's (rejected_by_seller, rejected_by_owner), an expiry's "
+                  "(proposal_expired, agreement_expired, term_ended_unfunded, pay_by_time_passed). Empty otherwise.")
     settlement_model = serializers.ChoiceField(choices=SettlementModel.choices)
     buyer = AgentSummarySerializer()
     seller = AgentSummarySerializer()

@@ -249,8 +249,10 @@ def _record_event(agreement: UsageAgreement, *, actor: Actor, from_status: str, 
 
 
 def _transition(agreement_id, *, to: str, actor: Actor, reason: str = "", data: dict | None = None,
-                changes: dict | None = None) -> UsageAgreement:
-    """Move the agreement to `to` under a row lock; a no-op when it is already there. Call inside atomic()."""
+                changes: dict | None = None, code: str = "") -> UsageAgreement:
+    """Move the agreement to `to` under a row lock; a no-op when it is already there. Call inside atomic().
+    `code`: the machine-readable code of `reason` (or `data["code"]`), kept as the agreement's status_code and its
+    event's data.code (webhooks, inbox); a step without one clears the previous status's."""
     agreement = _lock(agreement_id)
     if agreement.status == to:
         return agreement
@@ -260,9 +262,14 @@ def _transition(agreement_id, *, to: str, actor: Actor, reason: str = "", data: 
             details={"status": agreement.status, "requested": to},
         )
     from_status = agreement.status
+    data = dict(data or {})
+    code = code or data.get("code") or ""
+    if code:
+        data["code"] = code
     agreement.status = to
     agreement.status_reason = reason[:500]
-    fields = ["status", "status_reason", "updated_at"]
+    agreement.status_code = code
+    fields = ["status", "status_reason", "status_code", "updated_at"]
     if to in _TIMESTAMPS:
         setattr(agreement, _TIMESTAMPS[to], timezone.now())
         fields.append(_TIMESTAMPS[to])
@@ -270,7 +277,7 @@ def _transition(agreement_id, *, to: str, actor: Actor, reason: str = "", data: 
         setattr(agreement, name, value)
         fields.append(name)
     agreement.save(update_fields=fields)
-    _record_event(agreement, actor=actor, from_status=from_status, reason=reason, data=data or {})
+    _record_event(agreement, actor=actor, from_status=from_status, reason=reason, data=data)
     return agreement
 
 
@@ -1192,7 +1199,8 @@ def agreement_accept(*, agreement: UsageAgreement, seller: Agent) -> UsageAgreem
         if expired:
             # Committed before answering, so the seller's late accept leaves the agreement visibly expired. Not one
             # whose price reached the seller already: that one is accepted as paid, as the expiry sweep does.
-            _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
+            _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance",
+                        code="proposal_expired")
             refusal: Forbidden | Conflict = Conflict("The proposal expired.", code="proposal_expired",
                                                      details={"status": S.EXPIRED})
         elif direct and current.status == S.PROPOSED and (denied := _payment_policy_refusal(current)):
@@ -1238,7 +1246,8 @@ def agreement_reject(*, agreement: UsageAgreement, seller: Agent, reason: str = 
         if paid_by and current.status == S.PROPOSED:
             raise Conflict("The buyer's payment of this purchase was made already: accept the purchase, it is paid.",
                            code="purchase_paid_already", details={"status": current.status, "used_by": paid_by})
-        rejected = _transition(agreement.pk, to=S.REJECTED, actor=Actor.agent(seller, "seller"), reason=reason)
+        rejected = _transition(agreement.pk, to=S.REJECTED, actor=Actor.agent(seller, "seller"), reason=reason,
+                               code="rejected_by_seller")
     return _closed_direct_proposal_recheck(rejected)
 
 
@@ -1458,13 +1467,14 @@ def agreement_activation_confirmed(*, agreement_id, tx_hash: str, receipt_signer
                           data={"tx_hash": tx_hash}, changes={"activation_tx_hash": tx_hash})
 
 
-def agreement_activation_failed(*, agreement_id, reason: str) -> UsageAgreement:
+def agreement_activation_failed(*, agreement_id, reason: str, code: str) -> UsageAgreement:
+    """`code`: the failure's machine-readable code (the agreement's status_code)."""
     agreement = _lock(agreement_id)
     if is_funded(agreement) or is_closed(agreement):
         # Funded on-chain (another copy of the intent was mined): that wins. Closed since the activation was sent (an
         # operator's retry of one that failed before): nothing left to fail.
         return agreement
-    return _transition(agreement_id, to=S.ACTIVATION_FAILED, actor=SYSTEM, reason=reason)
+    return _transition(agreement_id, to=S.ACTIVATION_FAILED, actor=SYSTEM, reason=reason, code=code)
 
 
 def agreement_activation_wanted(*, agreement_id) -> bool:
@@ -1703,9 +1713,10 @@ def _status_set_outside_table(agreement: UsageAgreement, *, to: str, reason: str
     from_status = agreement.status
     agreement.status = to
     agreement.status_reason = reason[:500]
+    agreement.status_code = data.get("code") or ""
     for name, value in fields.items():
         setattr(agreement, name, value)
-    agreement.save(update_fields=["status", "status_reason", "updated_at", *fields])
+    agreement.save(update_fields=["status", "status_reason", "status_code", "updated_at", *fields])
     _record_event(agreement, actor=SYSTEM, from_status=from_status, reason=reason, data=data)
     return agreement
 
@@ -1713,6 +1724,7 @@ def _status_set_outside_table(agreement: UsageAgreement, *, to: str, reason: str
 # The agreement's reason for an owner's decision, which both parties read (its trail, the inbox, webhooks): the
 # owner's note is theirs (kept on the approval request), not the seller's to read.
 _DECIDED_REASONS = {"approved": "approved by the buyer's owner", "rejected": "rejected by the buyer's owner"}
+_DECIDED_CODES = {S.REJECTED: "rejected_by_owner"}
 
 
 def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> Conflict | None:
@@ -1751,7 +1763,8 @@ def _on_approval_decided(*, subject_id, outcome: str, actor, note: str) -> Confl
                 refusal = Conflict("The purchase's payment signatures ran out before the approval: it expired.",
                                    code="proposal_expired", details={"status": S.EXPIRED})
         changes = {"proposal_expires_at": open_until} if to == S.PROPOSED else None
-    _transition(subject_id, to=to, actor=who, reason=reason, changes=changes)
+    code = refusal.code if refusal is not None else _DECIDED_CODES.get(to, "")
+    _transition(subject_id, to=to, actor=who, reason=reason, changes=changes, code=code)
     if to != S.PROPOSED and agreement.settlement_model == SettlementModel.DIRECT_PAYMENT:
         _closed_direct_proposal_recheck_after_commit(subject_id)
     return refusal
@@ -1830,7 +1843,8 @@ def agreements_expire_unfunded_past_term(*, now: datetime | None = None) -> int:
         due=UsageAgreement.objects.filter(settlement_model=SettlementModel.ESCROW, status__in=AWAITING_FUNDING_STATUSES,
                                           expires_at__lte=now or timezone.now()),
         apply=lambda agreement: agreement_expire_unfunded(agreement_id=agreement.pk,
-                                                          reason="its term ended before its escrow was funded"))
+                                                          reason="its term ended before its escrow was funded",
+                                                          code="term_ended_unfunded"))
 
 
 def _expired_direct_proposals_recheck(agreement_ids: list) -> None:
@@ -1878,7 +1892,8 @@ def _direct_proposals_paid(due) -> dict:
 
 def _proposal_expire(agreement: UsageAgreement, *, paid: DirectPaymentPreflight | None) -> UsageAgreement:
     if paid is None:
-        return _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance")
+        return _transition(agreement.pk, to=S.EXPIRED, actor=SYSTEM, reason="proposal expired before acceptance",
+                           code="proposal_expired")
     return _paid_proposal_accept(agreement.pk, paid)
 
 
@@ -1904,14 +1919,14 @@ def _paid_proposal_accept(agreement_id, preflight: DirectPaymentPreflight) -> Us
         return _direct_payment_start(agreement_id, preflight.refused(refused.code, refused.message))
 
 
-def agreement_expire_unfunded(*, agreement_id, reason: str) -> UsageAgreement | None:
+def agreement_expire_unfunded(*, agreement_id, reason: str, code: str) -> UsageAgreement | None:
     """An accepted agreement whose escrow was never funded in time becomes `expired` (e.g. a Masumi purchase
-    past its payByTime). A no-op once it is funded, being funded or closed."""
+    past its payByTime). A no-op once it is funded, being funded or closed. `code`: the agreement's status_code."""
     with transaction.atomic():
         agreement = _lock(agreement_id)
         if not can_activate(agreement):
             return None
-        return _transition(agreement_id, to=S.EXPIRED, actor=SYSTEM, reason=reason)
+        return _transition(agreement_id, to=S.EXPIRED, actor=SYSTEM, reason=reason, code=code)
 
 
 # Statuses no proxied call is billed in again (none leads back to active): a stored reply of such an agreement

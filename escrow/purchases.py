@@ -852,7 +852,8 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     for agreement_id in list(unfunded.values_list("agreement_id", flat=True)[:500]):
         with failures.row(agreement_id):
             if agreement_services.agreement_expire_unfunded(agreement_id=agreement_id,
-                                                            reason="payByTime passed before the funds were locked"):
+                                                            reason="payByTime passed before the funds were locked",
+                                                            code="pay_by_time_passed"):
                 done["expired"] += 1
     # A refund asked for and no result by submitResultTime: paid back now, by the purchase's own timers (a zero
     # proposal the buyer's signed request challenges, then the arbiter's resolve(0)), not the reclaim grace. Only

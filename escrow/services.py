@@ -337,10 +337,11 @@ def _activation_outcome(tx: ChainTransaction) -> None:
         agreement_services.agreement_activation_failed(
             agreement_id=tx.agreement_id,
             reason=f"another escrow holds this agreement id on-chain (it differs in: "
-                   f"{', '.join(existing['differences'])})")
+                   f"{', '.join(existing['differences'])})", code="agreement_id_taken")
     else:
         agreement_services.agreement_activation_failed(agreement_id=tx.agreement_id,
-                                                       reason=f"activation reverted: {tx.failure_reason}")
+                                                       reason=f"activation reverted: {tx.failure_reason}",
+                                                       code="activation_reverted")
 
 
 def _activation_reopened(tx: ChainTransaction) -> None:

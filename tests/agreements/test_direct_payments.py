@@ -2531,3 +2531,18 @@ def test_a_direct_purchase_failed_at_accept_tells_the_parties_its_machine_readab
     inbox = purchase.parties.buyer_api.get(f"/agents/{purchase.parties.buyer.pk}/events").json()
     [shown] = [item for item in inbox if item["type"] == "agreement.payment_failed"]
     assert shown["payload"].get("code") == "authorization_already_used", shown
+
+
+def test_a_failed_purchase_tells_its_code_in_the_agreement_itself(purchase, django_capture_on_commit_callbacks):
+    """The machine-readable code of a payment_failed purchase is the agreement's own (`status_code`), not only its
+    event's: a client polling GET /usage-agreements/{id} branches on it without parsing status_reason."""
+    body = purchase.body()
+    agreement = purchase.propose(body)
+    assert agreement["status_code"] == ""
+    purchase.cancel_authorization(body)
+    purchase.accept(agreement["id"], django_capture_on_commit_callbacks)
+
+    failed = purchase.parties.agreement(agreement["id"])
+    assert failed["status"] == "payment_failed" and failed["status_code"] == "authorization_already_used", failed
+    event = AgreementEvent.objects.filter(agreement_id=agreement["id"]).order_by("-pk").first()
+    assert event.data["code"] == failed["status_code"]

@@ -438,3 +438,22 @@ def test_an_accepted_agreement_whose_term_ended_unfunded_expires_at_the_sweep(bu
     expired = buyer_api.get(f"/usage-agreements/{agreement['id']}").json()
     assert expired["status"] == "expired"
     assert statuses(agreement["id"])[-1] == ("accepted", "expired")
+
+
+def test_an_agreement_closed_for_a_reason_tells_its_code(buyer_api, seller_api, service):
+    """status_code: the machine-readable code of the agreement's status_reason where the close has one (rejected,
+    expired); empty where the reason is a party's own words alone (a cancel) or there is none."""
+    rejected = propose(buyer_api, service)
+    response = seller_api.put(f"/usage-agreements/{rejected['id']}/reject", {"reason": "fully booked"})
+    assert response.json()["status_code"] == "rejected_by_seller", response.json()
+
+    stale = propose(buyer_api, service)
+    UsageAgreement.objects.filter(pk=stale["id"]).update(proposal_expires_at=timezone.now() - timedelta(seconds=1))
+    expire_proposals()
+    assert buyer_api.get(f"/usage-agreements/{stale['id']}").json()["status_code"] == "proposal_expired"
+    event = AgreementEvent.objects.filter(agreement_id=stale["id"]).order_by("-pk").first()
+    assert event.data == {"code": "proposal_expired"}
+
+    cancelled = propose(buyer_api, service)
+    response = buyer_api.post(f"/usage-agreements/{cancelled['id']}/cancel", {"reason": "changed my mind"})
+    assert response.json()["status"] == "cancelled" and response.json()["status_code"] == ""

@@ -510,10 +510,10 @@ def test_an_unfunded_purchase_whose_expiry_raises_is_logged_and_skipped_and_the_
     poisoned = MasumiPurchase.objects.values_list("agreement_id", flat=True).first()
     real_expire = agreement_services.agreement_expire_unfunded
 
-    def expire_unfunded(*, agreement_id, reason):
+    def expire_unfunded(*, agreement_id, reason, code):
         if agreement_id == poisoned:
             raise RuntimeError("this purchase always fails")
-        return real_expire(agreement_id=agreement_id, reason=reason)
+        return real_expire(agreement_id=agreement_id, reason=reason, code=code)
 
     monkeypatch.setattr(agreement_services, "agreement_expire_unfunded", expire_unfunded)
     with pytest.raises(RowsFailed) as failed:

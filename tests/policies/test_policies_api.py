@@ -99,7 +99,8 @@ def test_an_agreement_whose_activation_failed_still_counts_against_the_caps(owne
     with transaction.atomic():
         agreement_services.agreement_activation_begin(agreement_id=first["id"], buyer=buyer)
     with transaction.atomic():
-        agreement_services.agreement_activation_failed(agreement_id=first["id"], reason="activate reverted")
+        agreement_services.agreement_activation_failed(agreement_id=first["id"], reason="activate reverted",
+                                                        code="activation_reverted")
     second = buyer_api.post("/usage-agreements", proposal(service))
     assert second.status_code == 403 and second.json()["error"]["details"]["rule"] == "daily_cap"
     buyer_api.post(f"/usage-agreements/{first['id']}/cancel")  # cancelled, it is released
