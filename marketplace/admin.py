@@ -36,7 +36,7 @@ from django.utils.html import format_html
 from django.utils.text import smart_split, unescape_string_literal
 from django_otp.admin import user_model_search_fields
 
-from marketplace import explorer, money, rotation
+from marketplace import account_checks, explorer, money, rotation
 from marketplace.errors import ApplicationError
 from marketplace.fields import Bytes32Field
 from marketplace.models import AuthenticatorAppDevice, RecoveryCodeDevice, RedeliveredTask
@@ -570,12 +570,33 @@ class RedeliveredTaskAdmin(MoneyRecordAdmin):
 OPERATOR_POWERS = ("is_staff", "is_superuser", "groups", "user_permissions")
 
 
+class AccountDeactivationCheckedForm(forms.ModelForm):
+    """A user admin form whose unticked `is_active` (an account deactivated) is refused as
+    `account_checks.account_deactivation_check` says, the account left as it was."""
+
+    operator = None  # the staff user saving the form (AccountAdmin.get_form)
+
+    def clean_is_active(self) -> bool:
+        is_active = self.cleaned_data["is_active"]
+        if "is_active" in self.changed_data and not is_active and self.instance.pk is not None:
+            try:
+                account_checks.account_deactivation_check(account=self.instance, operator=self.operator)
+            except ApplicationError as refused:
+                raise ValidationError(f"{refused.message} ({refused.code})", code=refused.code) from None
+        return is_active
+
+
 class AccountAdmin(UserAdmin):
     """Django's user admin, where staff who may change users (to deactivate an owner) neither give anyone an
     operator's powers (superuser, staff, groups, permissions: themselves first) nor change another operator's account
     (a staff or superuser account: its password or e-mail among them). Only a superuser does. No account is deleted
     here: its admin history would go with it (Django's log entries are deleted with their user), and the policies it
-    set and approvals it decided would name no one; an account is deactivated."""
+    set and approvals it decided would name no one; an account is deactivated: refused as the registered checks say
+    (`marketplace.account_checks`: an operator who owns a seller agent deactivates no other owner's account)."""
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        return type(form.__name__, (AccountDeactivationCheckedForm, form), {"operator": request.user})
 
     def get_readonly_fields(self, request, obj=None):
         readonly = super().get_readonly_fields(request, obj)

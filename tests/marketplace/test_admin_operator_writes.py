@@ -1154,3 +1154,28 @@ def test_an_operator_who_owns_a_seller_does_not_revoke_another_owners_credential
 
     assert Api(theirs).get("/agents/me").status_code == 200 and Api(token).get("/agents").status_code == 200
     assert Api(mine).get("/agents/me").status_code == 401
+
+
+def test_an_operator_who_owns_a_seller_does_not_deactivate_another_owners_account(settings, seller):
+    """Deactivating an owner's account stops every agent, key and token of theirs: an operator who owns a seller agent
+    did it through the user admin (refused on the agent's page and its credentials: `operator_owns_a_seller`), the
+    competitor shut out whole. Refused on the form, the account left active; their own account's agents they stop
+    on their pages, and another operator (owning no seller) deactivates the competitor's account."""
+    from django.urls import reverse
+
+    from tests.catalog.test_admin import _owner_form
+
+    staff = staff_client(settings, "view_user", "change_user")
+    account = get_user_model().objects.get(username="staff")
+    AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    competitor = seller.owner
+    page = reverse("admin:auth_user_change", args=[competitor.pk])
+
+    refused = staff.post(page, _owner_form(competitor, active=False))
+
+    assert refused.status_code == 200 and "operator_owns_a_seller" in refused.content.decode()
+    assert get_user_model().objects.get(pk=competitor.pk).is_active
+    assert not LogEntry.objects.filter(object_id=str(competitor.pk)).exists()
+    Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
+    assert staff.post(page, _owner_form(competitor, active=False)).status_code == 302
+    assert not get_user_model().objects.get(pk=competitor.pk).is_active
