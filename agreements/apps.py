@@ -6,9 +6,12 @@ class AgreementsConfig(AppConfig):
     name = "agreements"
 
     def ready(self):
-        from agreements import invocations, monitoring, services
+        from agreements import invocations, monitoring, services, webhooks
+        from catalog import services as catalog_services
 
         services.handlers_register()  # carries out approval decisions (policies)
+        # A revoked credential's webhook subscriptions stop with it (catalog's credential_revoke).
+        catalog_services.credential_revocation_handler_register(webhooks.subscriptions_of_revoked_credentials_pause)
         monitoring.panels_register()
         # What escrow registers for agreements (its ready() runs after this one): checked once all apps are ready.
         checks.register(services.hooks_check)

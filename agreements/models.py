@@ -6,7 +6,7 @@ from django.db import models
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 
-from catalog.models import Agent, Service
+from catalog.models import Agent, ApiKey, OwnerToken, Service
 from marketplace.fields import AddressField, Bytes32Field, TokenAmountField
 from marketplace.url_credentials import path_masked
 
@@ -528,9 +528,21 @@ class WebhookSubscription(models.Model):
     deleted_at = models.DateTimeField(null=True, blank=True, editable=False,
                                       help_text="Deleted (not active): the row goes once its deliveries have gone.")
     created_at = models.DateTimeField(auto_now_add=True)
+    # The credential the subscription was created with (None: before these were recorded, or an operator): its
+    # revocation pauses the subscription (`webhooks.subscriptions_of_revoked_credentials_pause`), as it revokes the
+    # credentials issued with it: a thief's subscription to its own URL stops with the stolen credential.
+    created_with_key = models.ForeignKey(ApiKey, null=True, blank=True, editable=False, on_delete=models.SET_NULL,
+                                         related_name="+", db_index=False)
+    created_with_token = models.ForeignKey(OwnerToken, null=True, blank=True, editable=False,
+                                           on_delete=models.SET_NULL, related_name="+", db_index=False)
 
     class Meta:
         indexes = [
+            # The subscriptions a revoked credential created (few rows have one; a revocation reads them).
+            models.Index(fields=["created_with_key"], name="webhook_created_with_key_idx",
+                         condition=Q(created_with_key__isnull=False)),
+            models.Index(fields=["created_with_token"], name="webhook_created_with_token_idx",
+                         condition=Q(created_with_token__isnull=False)),
             # The few subscriptions in a rotation's overlap, which the erasing sweep reads each minute
             # (marketplace.rotation).
             models.Index(fields=["previous_secret_expires_at"], name="webhook_overlap_ends_idx",

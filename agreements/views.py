@@ -242,7 +242,8 @@ class WebhooksView(APIView):
     def post(self, request):
         body = WebhookCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        subscription = webhooks.subscription_create(agent=calling_agent(request), **body.validated_data)
+        subscription = webhooks.subscription_create(agent=calling_agent(request), created_with=request.auth,
+                                                    **body.validated_data)
         return shown_once(Response(WebhookCreatedSerializer(subscription).data, status=status.HTTP_201_CREATED),
                           "secret", kept_by=subscription)
 
@@ -531,7 +532,7 @@ class AgentWebhooksView(APIView):
         agent = acting_agent(request, agent_id, scope=KeyScope.ADMIN)
         body = AgentWebhookCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        subscription = webhooks.subscription_create(agent=agent, **body.validated_data)
+        subscription = webhooks.subscription_create(agent=agent, created_with=request.auth, **body.validated_data)
         return shown_once(Response(AgentWebhookSecretSerializer(subscription).data, status=status.HTTP_201_CREATED),
                           "secret", kept_by=subscription)
 

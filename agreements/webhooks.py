@@ -30,7 +30,7 @@ from agreements.models import (
     WebhookDelivery,
     WebhookSubscription,
 )
-from catalog.models import Agent
+from catalog.models import Agent, ApiKey, OwnerToken
 from marketplace import outbound, outbound_slots, rotation, sweeps
 from marketplace.errors import Conflict, NotFound
 from sdk import webhook_signature
@@ -46,8 +46,11 @@ def _new_secret() -> str:
     return f"whsec_{secrets.token_urlsafe(32)}"
 
 
-def subscription_create(*, agent: Agent, url: str, event_types: list[str], secret: str = "") -> WebhookSubscription:
-    """`secret`: the receiver's own signing secret (the Pægents SDK lets the caller choose it); else a new one."""
+def subscription_create(*, agent: Agent, url: str, event_types: list[str], secret: str = "",
+                        created_with: ApiKey | OwnerToken | None = None) -> WebhookSubscription:
+    """`secret`: the receiver's own signing secret (the Pægents SDK lets the caller choose it); else a new one.
+    `created_with`: the credential of the request (its revocation pauses the subscription:
+    `subscriptions_of_revoked_credentials_pause`)."""
     outbound.url_check(url)
     with transaction.atomic():
         # The agent's row, locked, orders two subscriptions at once, so neither passes the count the other makes.
@@ -58,8 +61,24 @@ def subscription_create(*, agent: Agent, url: str, event_types: list[str], secre
                            code="webhook_limit_reached",
                            details={"max_subscriptions": settings.WEBHOOK_SUBSCRIPTIONS_PER_AGENT})
         return WebhookSubscription.objects.create(
-            agent=agent, url=url, event_types=event_types, secret=secret or _new_secret()
+            agent=agent, url=url, event_types=event_types, secret=secret or _new_secret(),
+            created_with_key=created_with if isinstance(created_with, ApiKey) else None,
+            created_with_token=created_with if isinstance(created_with, OwnerToken) else None,
         )
+
+
+def subscriptions_of_revoked_credentials_pause(*, api_key_ids: list, owner_token_ids: list) -> int:
+    """Pause the live subscriptions created with these credentials, which a revocation covers (catalog's
+    `credential_revoke`, inside its transaction: registered from AgreementsConfig.ready): one a thief made with a
+    stolen token or key sent the victim's agreement events to its URL after the credential was revoked. Paused, not
+    deleted: events stay in the agent's inbox, and the owner resumes (with a live credential) what was theirs.
+    How many."""
+    if not api_key_ids and not owner_token_ids:
+        return 0
+    return WebhookSubscription.objects.filter(
+        Q(created_with_key__in=api_key_ids) | Q(created_with_token__in=owner_token_ids),
+        is_active=True, paused_at=None,
+    ).update(paused_at=timezone.now())
 
 
 def subscription_rotate_secret(*, subscription: WebhookSubscription,

@@ -1,5 +1,6 @@
 """Writes of the catalog: agents, credentials, services. Every rule about them lives here."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -294,28 +295,47 @@ def owner_token_issue(*, owner: AbstractBaseUser, scope: str, name: str = "", ex
     return IssuedCredential(credential=token, secret=issued.plaintext)
 
 
+# (api_key_ids=, owner_token_ids=) -> None: what an upper app does, inside the revocation's transaction, with what the
+# credentials a revocation covers made (agreements: pauses the webhook subscriptions they created).
+RevocationHandler = Callable[..., None]
+_revocation_handlers: list[RevocationHandler] = []
+
+
+def credential_revocation_handler_register(handler: RevocationHandler) -> None:
+    """Registered once however often it is asked (AgreementsConfig.ready)."""
+    if handler not in _revocation_handlers:
+        _revocation_handlers.append(handler)
+
+
 def credential_revoke(*, credential: ApiKey | OwnerToken) -> ApiKey | OwnerToken:
     """Idempotent: revoking twice keeps the first revocation time. An owner token's revocation is also, in the same
     transaction and at the same time, that of every owner token issued with it, of theirs in turn, and of the agent
     API keys any of them issued: a leaked token's is that of what its thief minted with it. (Owner tokens are read
-    on every request, so they stop at once; keys within CREDENTIAL_CACHE_SECONDS, as any revoked key.)"""
+    on every request, so they stop at once; keys within CREDENTIAL_CACHE_SECONDS, as any revoked key.) The registered
+    handlers are told every credential the revocation covers (`credential_revocation_handler_register`): what a
+    thief made with them beyond credentials (a webhook subscription to its own URL) stops with them."""
     with transaction.atomic():
         now = timezone.now()
         type(credential).objects.filter(pk=credential.pk, revoked_at=None).update(revoked_at=now)
+        key_ids, token_ids = ([], [credential.pk]) if isinstance(credential, OwnerToken) else ([credential.pk], [])
         if isinstance(credential, OwnerToken):
-            _issued_revoke(issuer_id=credential.pk, now=now)
+            _issued_revoke(issuer_id=credential.pk, now=now, key_ids=key_ids, token_ids=token_ids)
+        for handler in _revocation_handlers:
+            handler(api_key_ids=key_ids, owner_token_ids=token_ids)
     credential.refresh_from_db(fields=["revoked_at"])
     return credential
 
 
-def _issued_revoke(*, issuer_id: int, now: datetime) -> None:
+def _issued_revoke(*, issuer_id: int, now: datetime, key_ids: list, token_ids: list) -> None:
     """Revoke what the token `issuer_id` issued, and what that issued, a generation at a time. Through tokens
     already revoked too: a second revocation revokes what a first one missed (tokens issued before issuers were
-    recorded have none: they are nobody's)."""
+    recorded have none: they are nobody's). Adds the keys and tokens it covers to `key_ids` and `token_ids`."""
     issuers = [issuer_id]
     while issuers:
+        key_ids.extend(ApiKey.objects.filter(issued_with__in=issuers).values_list("pk", flat=True))
         ApiKey.objects.filter(issued_with__in=issuers, revoked_at=None).update(revoked_at=now)
         issuers = list(OwnerToken.objects.filter(issued_with__in=issuers).values_list("pk", flat=True))
+        token_ids.extend(issuers)
         OwnerToken.objects.filter(pk__in=issuers, revoked_at=None).update(revoked_at=now)
 
 

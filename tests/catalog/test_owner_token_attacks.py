@@ -16,7 +16,7 @@ from marketplace.keys import digest_secret
 from marketplace.models import IdempotencyRecord
 from policies.models import ApprovalRequest
 from tests.agreements.helpers import propose
-from tests.catalog.factories import AgentFactory, UserFactory, issue_owner_token, register_service
+from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api, error_code
 from tests.support.at_once import answered_at_once
 
@@ -334,3 +334,31 @@ def test_what_a_token_issues_while_it_is_revoked_is_refused_or_revoked_with_it(o
     for name, path in (("token", "/owner-tokens"), ("key", "/agents/me")):
         if answers[name].status_code == 201:
             assert Api(answers[name].json()["secret"]).get(path).status_code == 401
+
+
+def test_revoking_a_stolen_token_stops_the_webhooks_its_thief_subscribed_with_it_and_with_what_it_issued(
+        owner_api, buyer, seller):
+    """A thief with an owner token subscribes its own URL to the owner's agent (directly, and with an agent key it
+    issued with the token): once the token is revoked (its keys with it), those subscriptions kept sending the
+    victim's agreement events to the thief. They are paused with the revocation (resumed by the owner, with a live
+    credential, if they were theirs); the owner's own subscription keeps delivering."""
+    from agreements.models import WebhookDelivery, WebhookSubscription
+
+    stolen = issued(owner_api, "admin")
+    thief = Api(stolen["secret"])
+    by_token = thief.post(f"/agents/{buyer.pk}/webhooks", {"url": "https://thief.example.com/t"})
+    assert by_token.status_code == 201, by_token.content
+    key = thief.post(f"/agents/{buyer.pk}/api-keys", {"scope": "admin"}).json()["secret"]
+    by_key = Api(key).post("/webhooks", {"url": "https://thief.example.com/k"})
+    assert by_key.status_code == 201, by_key.content
+    own = owner_api.post(f"/agents/{buyer.pk}/webhooks", {"url": "https://owner.example.com/hook"}).json()
+
+    assert owner_api.post(f"/owner-tokens/{stolen['id']}/revoke").status_code == 200
+    propose(Api(issue_key(buyer, scope="admin")), register_service(seller))
+
+    delivered = set(WebhookDelivery.objects.values_list("subscription_id", flat=True))
+    assert delivered == {uuid.UUID(own["id"])}, delivered
+    listed = {hook["id"]: hook for hook in owner_api.get(f"/agents/{buyer.pk}/webhooks").json()}
+    assert listed[by_token.json()["id"]]["paused"] and listed[by_key.json()["id"]]["paused"]
+    assert not listed[own["id"]]["paused"]
+    assert WebhookSubscription.objects.filter(paused_at=None).count() == 1
