@@ -160,12 +160,15 @@ class NotConfigured(RuntimeError):
 
 
 class AgreementFailed(Exception):
-    """`wait_until` saw the agreement reach one of the failure statuses (e.g. `activation_failed`)."""
+    """`wait_until` saw the agreement reach one of the failure statuses (e.g. `activation_failed`). `code`: the
+    machine-readable code of its reason (the agreement's `status_code`: `fee_permit_stale`, `activation_reverted`,
+    ...), empty when it has none."""
 
     def __init__(self, agreement: Mapping[str, Any]):
         self.agreement = dict(agreement)
         self.status: str = agreement["status"]
         self.reason: str = agreement.get("status_reason", "")
+        self.code: str = agreement.get("status_code") or ""
         super().__init__(f"agreement {agreement.get('id')} is {self.status}: {self.reason or 'no reason given'}")
 
 

@@ -264,3 +264,12 @@ def test_the_sdk_names_its_own_version_to_the_marketplace():
         lambda request: seen.append(request.headers["User-Agent"]) or httpx.Response(200, json={})))
     client.me()
     assert seen == [f"agent-escrow-marketplace-sdk/{sdk.__version__}"]  # it said 0.1 whatever its version
+
+
+def test_a_failed_agreement_names_its_machine_readable_code():
+    """`wait_until`'s AgreementFailed gave only the prose reason: a caller branched on its text. It carries the
+    agreement's `status_code` too (empty when the marketplace gives none, as an older one does)."""
+    failed = sdk.AgreementFailed({"id": "a1", "status": "payment_failed", "status_code": "fee_permit_stale",
+                                  "status_reason": "payment cannot run, nothing was charged: fee_permit_stale: ..."})
+    assert failed.code == "fee_permit_stale" and failed.status == "payment_failed"
+    assert sdk.AgreementFailed({"id": "a2", "status": "expired"}).code == ""
