@@ -23,6 +23,7 @@ from marketplace.serializers import (
     CentsField,
     REPLAYED_SECRET_HELP,
     OverlapEndField,
+    StrictBooleanField,
     StrictIntegerField,
     StrictSerializer,
     TagListField,
@@ -120,6 +121,12 @@ class OwnerTokenCreateSerializer(StrictSerializer):
     expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None, help_text=(
         "No later than the issuing token's expiry (400 `expiry_beyond_issuer`); left out, that expiry (a token "
         "without one issues tokens that never expire)."))
+
+
+class CredentialRevokeSerializer(StrictSerializer):
+    keep_issued = StrictBooleanField(required=False, default=False, help_text=(
+        "A retirement, not a leak: revoke this credential alone; what was issued or created with it (owner tokens, "
+        "agent API keys, webhook subscriptions) lives on. Left out: they are revoked, or paused, with it."))
 
 
 class OwnerTokenSerializer(ApiKeySerializer):

@@ -307,23 +307,31 @@ def credential_revocation_handler_register(handler: RevocationHandler) -> None:
         _revocation_handlers.append(handler)
 
 
-def credential_revoke(*, credential: ApiKey | OwnerToken) -> ApiKey | OwnerToken:
-    """Idempotent: revoking twice keeps the first revocation time. An owner token's revocation is also, in the same
-    transaction and at the same time, that of every owner token issued with it, of theirs in turn, and of the agent
-    API keys any of them issued: a leaked token's is that of what its thief minted with it. (Owner tokens are read
-    on every request, so they stop at once; keys within CREDENTIAL_CACHE_SECONDS, as any revoked key.) The registered
-    handlers are told every credential the revocation covers (`credential_revocation_handler_register`): what a
-    thief made with them beyond credentials (a webhook subscription to its own URL) stops with them."""
+def credential_revoke(*, credential: ApiKey | OwnerToken, keep_issued: bool = False) -> ApiKey | OwnerToken:
+    """Idempotent: revoking twice keeps the first revocation time. Unless `keep_issued` (a retirement, a rotation:
+    the credential alone), an owner token's revocation is also, in the same transaction and at the same time, that
+    of every owner token issued with it, of theirs in turn, and of the agent API keys any of them issued: a leaked
+    token's is that of what its thief minted with it. (Owner tokens are read on every request, so they stop at once;
+    keys within CREDENTIAL_CACHE_SECONDS, as any revoked key.) The registered handlers are told every credential the
+    revocation covers (`credential_revocation_handler_register`): what a thief made with them beyond credentials (a
+    webhook subscription to its own URL) stops with them."""
     with transaction.atomic():
         now = timezone.now()
         type(credential).objects.filter(pk=credential.pk, revoked_at=None).update(revoked_at=now)
-        key_ids, token_ids = ([], [credential.pk]) if isinstance(credential, OwnerToken) else ([credential.pk], [])
-        if isinstance(credential, OwnerToken):
-            _issued_revoke(issuer_id=credential.pk, now=now, key_ids=key_ids, token_ids=token_ids)
-        for handler in _revocation_handlers:
-            handler(api_key_ids=key_ids, owner_token_ids=token_ids)
+        if not keep_issued:
+            _covered_revoke(credential, now=now)
     credential.refresh_from_db(fields=["revoked_at"])
     return credential
+
+
+def _covered_revoke(credential: ApiKey | OwnerToken, *, now: datetime) -> None:
+    """What a revoked `credential` issued, revoked with it, and the registered handlers told of every credential it
+    covers."""
+    key_ids, token_ids = ([], [credential.pk]) if isinstance(credential, OwnerToken) else ([credential.pk], [])
+    if isinstance(credential, OwnerToken):
+        _issued_revoke(issuer_id=credential.pk, now=now, key_ids=key_ids, token_ids=token_ids)
+    for handler in _revocation_handlers:
+        handler(api_key_ids=key_ids, owner_token_ids=token_ids)
 
 
 def _issued_revoke(*, issuer_id: int, now: datetime, key_ids: list, token_ids: list) -> None:

@@ -25,6 +25,7 @@ from catalog.serializers import (
     ApiKeyListQuery,
     ApiKeyPageSerializer,
     ApiKeySerializer,
+    CredentialRevokeSerializer,
     OwnerTokenCreateSerializer,
     OwnerTokenIssuedSerializer,
     OwnerTokenPageSerializer,
@@ -173,12 +174,16 @@ class AgentApiKeysView(APIView):
 class AgentApiKeyRevokeView(APIView):
     permission_classes = [owner_scope(OwnerScope.ADMIN)]
 
-    @extend_schema(operation_id="api_keys_revoke", summary="Revoke an API key (owner); idempotent", request=None,
-                   responses={200: ApiKeySerializer, **error_responses(404)}, tags=["agents"], auth=OWNER)
+    @extend_schema(operation_id="api_keys_revoke", summary="Revoke an API key (owner); idempotent",
+                   description="Pauses also the webhook subscriptions created with the key, unless `keep_issued`.",
+                   request=CredentialRevokeSerializer, responses={200: ApiKeySerializer, **error_responses(404)},
+                   tags=["agents"], auth=OWNER)
     def post(self, request, agent_id, key_id):
+        body = CredentialRevokeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
         agent = selectors.agent_get(agent_id=agent_id, owner=request.user)
         key = selectors.api_key_get(agent=agent, key_id=key_id)
-        return Response(_key_payload(services.credential_revoke(credential=key)))
+        return Response(_key_payload(services.credential_revoke(credential=key, **body.validated_data)))
 
 
 def _is_presented(request, token) -> bool:
@@ -233,15 +238,18 @@ class OwnerTokenRevokeView(APIView):
     @extend_schema(operation_id="owner_tokens_revoke",
                    summary="Revoke an owner token (owner: `admin` scope, or any token revoking itself); idempotent",
                    description="Revokes also, at once, every owner token issued with it (and theirs in turn) and "
-                               "every agent API key any of them issued: what was minted with a leaked token dies "
-                               "with it.",
-                   request=None, responses={200: OwnerTokenSerializer, **error_responses(404)}, tags=["owners"],
-                   auth=OWNER)
+                               "every agent API key any of them issued, and pauses the webhook subscriptions any of "
+                               "them created: what was minted with a leaked token dies with it. `keep_issued: true` "
+                               "retires the token alone (a rotation).",
+                   request=CredentialRevokeSerializer, responses={200: OwnerTokenSerializer, **error_responses(404)},
+                   tags=["owners"], auth=OWNER)
     def post(self, request, token_id):
+        body = CredentialRevokeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
         token = selectors.owner_token_get(owner=request.user, token_id=token_id)
         if not _is_presented(request, token):
             owner_token_scope_check(request, OwnerScope.ADMIN)
-        return Response(_token_payload(request, services.credential_revoke(credential=token)))
+        return Response(_token_payload(request, services.credential_revoke(credential=token, **body.validated_data)))
 
 
 def _secret_context(request) -> dict:

@@ -186,7 +186,7 @@ def test_an_operator_signed_in_to_the_admin_issues_and_lists_its_own_tokens(admi
     assert OwnerToken.objects.get(pk=response.json()["id"]).owner_id == admin_user.pk
     listed = admin_client.get("/owner-tokens")
     assert [token["is_this_token"] for token in listed.json()["results"]] == [False]
-    revoked = admin_client.post(f"/owner-tokens/{response.json()['id']}/revoke")
+    revoked = admin_client.post(f"/owner-tokens/{response.json()['id']}/revoke", content_type="application/json")
     assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
 
 
@@ -195,7 +195,8 @@ def test_an_operator_signed_in_to_the_admin_makes_each_owners_write_of_its_own(a
     as_json = {"content_type": "application/json"}
     key = admin_client.post(f"/agents/{buyer.pk}/api-keys", {"scope": "read"}, **as_json)
     assert key.status_code == 201, key.content[:300]
-    assert admin_client.post(f"/agents/{buyer.pk}/api-keys/{key.json()['id']}/revoke").status_code == 200
+    assert admin_client.post(f"/agents/{buyer.pk}/api-keys/{key.json()['id']}/revoke",
+                             content_type="application/json").status_code == 200
     hook = admin_client.post(f"/agents/{buyer.pk}/webhooks", {"url": "https://hooks.example.com/a"}, **as_json)
     assert hook.status_code == 201, hook.content[:300]
     policy = admin_client.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1}, **as_json)
@@ -362,3 +363,31 @@ def test_revoking_a_stolen_token_stops_the_webhooks_its_thief_subscribed_with_it
     assert listed[by_token.json()["id"]]["paused"] and listed[by_key.json()["id"]]["paused"]
     assert not listed[own["id"]]["paused"]
     assert WebhookSubscription.objects.filter(paused_at=None).count() == 1
+
+
+def test_a_credential_retired_with_keep_issued_leaves_what_was_issued_and_created_with_it(owner_api, buyer):
+    """A rotation is not a leak: an owner retiring a token (`keep_issued`) keeps the tokens and agent keys it issued
+    and the webhook subscriptions made with it, and an agent key retired so keeps its subscriptions; left out, the
+    revocation takes them (the tests above)."""
+    from agreements.models import WebhookSubscription
+
+    old = issued(owner_api, "admin")
+    old_api = Api(old["secret"])
+    child_api = Api(issued(old_api, "read")["secret"])
+    key = old_api.post(f"/agents/{buyer.pk}/api-keys", {"scope": "admin"}).json()
+    by_token = old_api.post(f"/agents/{buyer.pk}/webhooks", {"url": "https://owner.example.com/t"})
+    by_key = Api(key["secret"]).post("/webhooks", {"url": "https://owner.example.com/k"})
+    assert by_token.status_code == 201 and by_key.status_code == 201, (by_token.content, by_key.content)
+
+    refused = owner_api.post(f"/owner-tokens/{old['id']}/revoke", {"keep_issued": "yes"})
+    assert refused.status_code == 400 and old_api.get("/owner-tokens").status_code == 200, refused.content
+    retired = owner_api.post(f"/owner-tokens/{old['id']}/revoke", {"keep_issued": True})
+    assert retired.status_code == 200 and retired.json()["revoked_at"] is not None, retired.content
+    assert old_api.get("/owner-tokens").status_code == 401
+    assert child_api.get("/owner-tokens").status_code == 200
+    assert Api(key["secret"]).get("/agents/me").status_code == 200
+    assert WebhookSubscription.objects.filter(paused_at=None).count() == 2
+
+    assert owner_api.post(f"/agents/{buyer.pk}/api-keys/{key['id']}/revoke", {"keep_issued": True}).status_code == 200
+    assert Api(key["secret"]).get("/agents/me").status_code == 401
+    assert WebhookSubscription.objects.filter(paused_at=None).count() == 2
