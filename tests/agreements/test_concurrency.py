@@ -20,25 +20,7 @@ def test_concurrent_proposals_cannot_both_slip_under_a_cap():
     buyer = AgentFactory(owner=owner, is_buyer=True, is_seller=False)
     service = register_service(AgentFactory(is_seller=True))  # 10 calls: 200_000 + 100_000 fee each
     Api(issue_owner_token(owner)).put(f"/agents/{buyer.pk}/policies", {"daily_cap_atomic": 900_000})
-    buyer_key = issue_key(buyer)
-
-    threads_count = 8
-    barrier = threading.Barrier(threads_count)
-    statuses: list[int] = []
-
-    def propose():
-        try:
-            api = Api(buyer_key)
-            barrier.wait()
-            statuses.append(api.post("/usage-agreements", proposal(service)).status_code)
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=propose) for _ in range(threads_count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    statuses = proposed_at_once(issue_key(buyer), service, count=8)
 
     assert sorted(statuses) == [201] * 3 + [403] * 5
     assert UsageAgreement.objects.filter(buyer=buyer).count() == 3
@@ -55,9 +37,14 @@ def test_concurrent_proposals_cannot_all_slip_under_the_bound_on_pending_approva
     buyer = AgentFactory(owner=owner, is_buyer=True, is_seller=False)
     service = register_service(AgentFactory(is_seller=True))
     Api(issue_owner_token(owner)).put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
-    buyer_key = issue_key(buyer)
-    threads_count = 6
-    barrier = threading.Barrier(threads_count)
+    statuses = proposed_at_once(issue_key(buyer), service, count=6)
+
+    assert sorted(statuses) == [201] * 2 + [409] * 4
+    assert UsageAgreement.objects.filter(buyer=buyer, status="pending_approval").count() == 2
+
+def proposed_at_once(buyer_key: str, service: Service, *, count: int) -> list[int]:
+    """The status codes of `count` proposals of `service` by the buyer, from one thread each, released together."""
+    barrier = threading.Barrier(count)
     statuses: list[int] = []
 
     def propose():
@@ -68,14 +55,13 @@ def test_concurrent_proposals_cannot_all_slip_under_the_bound_on_pending_approva
         finally:
             connections.close_all()
 
-    threads = [threading.Thread(target=propose) for _ in range(threads_count)]
+    threads = [threading.Thread(target=propose) for _ in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return statuses
 
-    assert sorted(statuses) == [201] * 2 + [409] * 4
-    assert UsageAgreement.objects.filter(buyer=buyer, status="pending_approval").count() == 2
 
 def posted_at_once(*calls: tuple[Api, str]) -> list[int]:
     """The status codes of POSTs (client, path) sent from one thread each, released together."""

@@ -1889,12 +1889,9 @@ def test_a_seller_call_failure_is_shown_with_the_seller_service_error_code(
                                             "errorCode": "seller_service_error", "errorNote": failed.last_error}
 
 
-def test_a_dispute_release_the_purchases_tick_was_refused_is_shown_with_the_refusals_code(
-        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
-    """The purchases tick's own steps (a dispute, its release) refused for another reason than those with their own
-    field kept only "Conflict: ..." text, shown to the buyer as the seller's failure (`SellerServiceError`): the
-    refusal's code is kept and shown (`errorCode`), and its type says it is the purchase's step, not the seller."""
-    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+def _dispute_release_refused_once(chain, capture, seller_service, monkeypatch) -> "Purchase":
+    """A disputed purchase past its unlock time whose release the purchases tick tried once and was refused
+    (`amount_exceeds_deposit`)."""
     purchase = Purchase(chain, capture, seller_service)
     dispute(purchase)
     chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now())
@@ -1905,6 +1902,16 @@ def test_a_dispute_release_the_purchases_tick_was_refused_is_shown_with_the_refu
     monkeypatch.setattr(purchases.settlement, "settlement_resolve", refused)
     assert run(capture, purchases.purchases_tick)["released"] == 0
     monkeypatch.undo()
+    return purchase
+
+
+def test_a_dispute_release_the_purchases_tick_was_refused_is_shown_with_the_refusals_code(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """The purchases tick's own steps (a dispute, its release) refused for another reason than those with their own
+    field kept only "Conflict: ..." text, shown to the buyer as the seller's failure (`SellerServiceError`): the
+    refusal's code is kept and shown (`errorCode`), and its type says it is the purchase's step, not the seller."""
+    capture = django_capture_on_commit_callbacks
+    purchase = _dispute_release_refused_once(escrow_chain, capture, seller_service, monkeypatch)
     assert row(purchase).last_error_code == "amount_exceeds_deposit"
     shown = purchase.get()["NextAction"]
     assert (shown["errorType"], shown["errorCode"]) == ("PurchaseStepRefused", "amount_exceeds_deposit"), shown
@@ -1914,17 +1921,8 @@ def test_a_dispute_release_refused_once_then_done_no_longer_shows_the_refusal(
         escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
     """A refusal of the purchases tick's step was kept for good: the next tick released the dispute, and the purchase
     still showed the old refusal as its NextAction's error while its payout was under way. A step done clears it."""
-    chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    purchase = Purchase(chain, capture, seller_service)
-    dispute(purchase)
-    chain.increase_time(purchase.timers["externalDisputeUnlockTime"] - chain.now())
-
-    def refused(**kwargs):
-        raise Conflict("The seller amount exceeds the deposit.", code="amount_exceeds_deposit")
-
-    monkeypatch.setattr(purchases.settlement, "settlement_resolve", refused)
-    assert run(capture, purchases.purchases_tick)["released"] == 0
-    monkeypatch.undo()
+    capture = django_capture_on_commit_callbacks
+    purchase = _dispute_release_refused_once(escrow_chain, capture, seller_service, monkeypatch)
     assert purchase.get()["NextAction"]["errorCode"] == "amount_exceeds_deposit"
 
     assert run(capture, purchases.purchases_tick)["released"] == 1
