@@ -921,3 +921,31 @@ def test_logs_a_node_answers_duplicated_and_out_of_order_are_applied_once_in_the
     assert ChainEvent.objects.filter(name="SettlementProposed").count() == 1
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
     assert statuses(funded.agreement_id).count(("active", "in_challenge")) == 1
+
+
+def test_a_catch_up_walks_no_headers_of_ranges_deeper_than_the_reorg_window(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks, monkeypatch):
+    """A range read whole is checked by walking its blocks' headers down by parent hash (one node call a block): a
+    stale backend's dead block inside it is not applied. Every range was walked, so a day's catch-up on Base (43,200
+    blocks) read 43,200 headers, and a pass stopped after one range's walk. Deeper below the head than
+    INDEXER_REORG_WINDOW_BLOCKS no reorg the indexer follows reaches: those ranges are read without the walk (each
+    log's block checked by its height), and one pass catches up to the head."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    settings.INDEXER_LOGS_BY_HASH_BLOCKS, settings.INDEXER_BLOCK_RANGE, settings.INDEXER_RESCAN_BLOCKS = 0, 4, 0
+    settings.INDEXER_REORG_WINDOW_BLOCKS = 8
+    call_n(funded, 4)
+    index(capture)
+    seller_proposes_directly(funded, chain)
+    chain.mine(60)
+    walked = []
+    parent_hash = gateway._parent_hash
+
+    def counted(block_hash, height):
+        walked.append(height)
+        return parent_hash(block_hash, height)
+
+    monkeypatch.setattr(gateway, "_parent_hash", counted)
+    result = index(capture)
+    assert result.indexed_to == chain.block_number() - max(settings.CHAIN_CONFIRMATIONS, 1) + 1
+    assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
+    assert len(walked) <= settings.INDEXER_REORG_WINDOW_BLOCKS + settings.INDEXER_BLOCK_RANGE, sorted(walked)
