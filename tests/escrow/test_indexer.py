@@ -627,17 +627,11 @@ def test_a_proposal_only_a_stale_backend_holds_is_not_applied_at_a_fresh_backend
     assert funded.agreement(funded.agreement_id)["status"] == "in_challenge"
 
 
-def test_a_block_of_a_dead_fork_a_backend_behind_answers_among_the_newest_is_not_applied(
-        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
-    """Following the head, the newest blocks are read one by one, by the hash the node gives for each height. A
-    load-balanced provider's backend that has not followed a reorg yet answers one height with the block of the
-    fork the chain left (the seller's proposal in it), the others, the range's last included, with the chain's:
-    the dead fork's proposal was applied, in a block no reorg check compares again (the cursor's is canonical).
-    The blocks read by hash must be a chain, each the parent of the next up to the range's last: else nothing
-    is applied, and a later pass reads the chain's."""
+def _dead_fork_proposal(funded, chain, capture):
+    """The seller's proposal mined, then dropped by a reorg: (a relay to the node started, the proposal's height, the
+    dropped block, its logs), as a backend still on that fork would answer them."""
     from tests.support.rpc_relay import RpcRelay
 
-    chain, capture = escrow_chain, django_capture_on_commit_callbacks
     call_n(funded, 4)
     index(capture)
     before_proposal = chain.snapshot()
@@ -648,6 +642,20 @@ def test_a_block_of_a_dead_fork_a_backend_behind_answers_among_the_newest_is_not
     dead_logs = relay.node("eth_getLogs", [{"blockHash": dead_block["hash"]}])
     assert dead_logs
     chain.reorg(before_proposal)
+    return relay, proposed_in, dead_block, dead_logs
+
+
+def test_a_block_of_a_dead_fork_a_backend_behind_answers_among_the_newest_is_not_applied(
+        funded, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """Following the head, the newest blocks are read one by one, by the hash the node gives for each height. A
+    load-balanced provider's backend that has not followed a reorg yet answers one height with the block of the
+    fork the chain left (the seller's proposal in it), the others, the range's last included, with the chain's:
+    the dead fork's proposal was applied, in a block no reorg check compares again (the cursor's is canonical).
+    The blocks read by hash must be a chain, each the parent of the next up to the range's last: else nothing
+    is applied, and a later pass reads the chain's."""
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    relay, proposed_in, dead_block, dead_logs = _dead_fork_proposal(funded, chain, capture)
     chain.mine(2)
     settings.CHAIN_RPC_URL = relay.url
     relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == hex(proposed_in),
@@ -729,21 +737,12 @@ def test_a_block_of_a_dead_fork_a_backend_behind_answers_inside_a_caught_up_rang
     the chain dropped in the middle of it, and that height with the dropped block: the proposal was applied, stored
     under a block no reorg check compares again (the cursor's block is canonical), the agreement in challenge for
     good. Each block holding logs must be an ancestor of the range's last block, read by parent hashes."""
-    from tests.support.rpc_relay import RpcRelay
 
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
-    call_n(funded, 4)
-    index(capture)
-    before_proposal = chain.snapshot()
-    seller_proposes_directly(funded, chain)
-    proposed_in = chain.block_number()
-    relay = RpcRelay(chain.node.rpc_url).start()
-    dead_block = relay.node("eth_getBlockByNumber", [hex(proposed_in), False])
+    relay, proposed_in, dead_block, all_dead_logs = _dead_fork_proposal(funded, chain, capture)
     escrow = chain.escrow.address.lower()
-    dead_logs = [log for log in relay.node("eth_getLogs", [{"blockHash": dead_block["hash"]}])
-                 if log["address"].lower() == escrow]
+    dead_logs = [log for log in all_dead_logs if log["address"].lower() == escrow]
     assert dead_logs
-    chain.reorg(before_proposal)
     chain.mine(settings.INDEXER_LOGS_BY_HASH_BLOCKS + 4)  # the next pass reads one range, not block by block
 
     def escrow_range_holding_the_dead_block(call) -> bool:
