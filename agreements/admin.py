@@ -333,7 +333,7 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
     # neither filtered on nor sorted by: whether a row was listed, or where, told its userinfo a character at a time.
     search_fields = ("url__host_contains", "agent__handle")
     search_help_text = "An agent's handle, or a host its URL is at."
-    readonly_fields = ("secret_hint", "secret_rotation", "created_at")
+    readonly_fields = ("secret_hint", "secret_rotation", "paused_reason", "created_at")
     exclude = ("secret", "previous_secret", "previous_secret_expires_at")
     secret_fields = ("secret", "previous_secret", "url")
     formfield_overrides = URLS_ASSUME_HTTPS

@@ -512,6 +512,16 @@ class AgreementEvent(models.Model):
         return f"{self.actor_label} ({self.actor_kind})"
 
 
+class PauseReason(models.TextChoices):
+    """Why a webhook subscription is paused: its owner's, or its agent's, own request; the revocation of the
+    credential that created it (`webhooks.subscriptions_of_revoked_credentials_pause`: a thief's subscription made
+    with a stolen credential, to delete rather than resume); an operator's (the admin)."""
+
+    PAUSED_BY_REQUEST = "paused_by_request"
+    CREDENTIAL_REVOKED = "credential_revoked"
+    PAUSED_BY_OPERATOR = "paused_by_operator"
+
+
 class WebhookSubscription(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="webhook_subscriptions")
@@ -525,6 +535,8 @@ class WebhookSubscription(models.Model):
     is_active = models.BooleanField(default=True)
     paused_at = models.DateTimeField(null=True, blank=True,
                                      help_text="Paused: events are not delivered (they stay in the agent's inbox).")
+    paused_reason = models.CharField(max_length=30, choices=PauseReason.choices, blank=True, editable=False,
+                                     help_text="Why it is paused; empty when it is not.")
     deleted_at = models.DateTimeField(null=True, blank=True, editable=False,
                                       help_text="Deleted (not active): the row goes once its deliveries have gone.")
     created_at = models.DateTimeField(auto_now_add=True)

@@ -2,10 +2,11 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from agreements import selectors
-from agreements.models import APPROVAL_SUBJECT, AgreementEvent, AgreementStatus, SettlementModel
+from agreements.models import APPROVAL_SUBJECT, AgreementEvent, AgreementStatus, PauseReason, SettlementModel
 from agreements.webhooks import UNDONE_EVENT_TYPE
 from marketplace import shown_text
 from marketplace.pagination import PageQuerySerializer
@@ -727,9 +728,18 @@ class AgentWebhookCreateSerializer(WebhookCreateSerializer):
 
 class AgentWebhookSerializer(WebhookSerializer):
     paused = serializers.SerializerMethodField()
+    paused_at = serializers.DateTimeField(allow_null=True, help_text="Since when it is paused; null when it is not.")
+    paused_reason = serializers.SerializerMethodField(
+        help_text="Why it is paused: `paused_by_request` (a pause asked through the API), `credential_revoked` (the "
+                  "credential that created it was revoked: delete it unless it is yours), `paused_by_operator`; "
+                  "null when it is not.")
 
     def get_paused(self, subscription) -> bool:
         return subscription.paused_at is not None
+
+    @extend_schema_field(serializers.ChoiceField(choices=PauseReason.choices, allow_null=True))
+    def get_paused_reason(self, subscription) -> str | None:
+        return (subscription.paused_reason or None) if subscription.paused_at is not None else None
 
 
 class AgentWebhookSecretSerializer(AgentWebhookSerializer):

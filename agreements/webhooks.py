@@ -19,13 +19,15 @@ import httpx
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, OuterRef, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agreements.models import (
     AgentEventAck,
     AgreementEvent,
     DeliveryStatus,
+    PauseReason,
     UsageAgreement,
     WebhookDelivery,
     WebhookSubscription,
@@ -71,14 +73,14 @@ def subscriptions_of_revoked_credentials_pause(*, api_key_ids: list, owner_token
     """Pause the live subscriptions created with these credentials, which a revocation covers (catalog's
     `credential_revoke`, inside its transaction: registered from AgreementsConfig.ready): one a thief made with a
     stolen token or key sent the victim's agreement events to its URL after the credential was revoked. Paused, not
-    deleted: events stay in the agent's inbox, and the owner resumes (with a live credential) what was theirs.
-    How many."""
+    deleted: events stay in the agent's inbox, and the owner resumes (with a live credential) what was theirs. One
+    already paused keeps its time and now says the revocation (`paused_reason`): its owner, told why, does not resume
+    a thief's. How many."""
     if not api_key_ids and not owner_token_ids:
         return 0
     return WebhookSubscription.objects.filter(
-        Q(created_with_key__in=api_key_ids) | Q(created_with_token__in=owner_token_ids),
-        is_active=True, paused_at=None,
-    ).update(paused_at=timezone.now())
+        Q(created_with_key__in=api_key_ids) | Q(created_with_token__in=owner_token_ids), is_active=True,
+    ).update(paused_at=Coalesce("paused_at", Value(timezone.now())), paused_reason=PauseReason.CREDENTIAL_REVOKED)
 
 
 def subscription_rotate_secret(*, subscription: WebhookSubscription,
@@ -110,7 +112,8 @@ def subscription_pause(*, subscription: WebhookSubscription, paused: bool) -> We
             raise NotFound("No such webhook subscription.", code="webhook_not_found")
         if (live.paused_at is None) == paused:
             live.paused_at = timezone.now() if paused else None
-            live.save(update_fields=["paused_at"])
+            live.paused_reason = PauseReason.PAUSED_BY_REQUEST if paused else ""
+            live.save(update_fields=["paused_at", "paused_reason"])
     return live
 
 
@@ -150,6 +153,9 @@ def subscription_update_by_operator(*, subscription: WebhookSubscription, change
     those the operator changed. Never its secrets (a rotation committed since stays); a subscription unticked is
     deleted as the API deletes it (its secrets erased, its deliveries ended)."""
     fields = [*_OPERATOR_FIELDS, *(name for name in _OPERATOR_TOGGLES if name in changed)]
+    if "paused_at" in fields:
+        subscription.paused_reason = PauseReason.PAUSED_BY_OPERATOR if subscription.paused_at else ""
+        fields.append("paused_reason")
     subscription.save(update_fields=fields)
     if "is_active" in fields and not subscription.is_active:
         subscription_delete(subscription=subscription)

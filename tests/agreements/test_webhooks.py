@@ -780,3 +780,23 @@ def test_two_deliveries_of_one_subscription_taken_at_once_are_both_sent(seller, 
 
     assert sorted(WebhookDelivery.objects.values_list("status", flat=True)) == [DeliveryStatus.DELIVERED] * 2
     assert len(http_server.requests) == 2
+
+
+def test_a_paused_subscription_says_why_and_since_when(owner_api, buyer):
+    """An owner listing its agent's subscriptions tells one it paused from one a revocation paused (a thief's,
+    made with a stolen credential, which it should delete rather than resume): `paused_reason` is a code,
+    `paused_at` the time; both null once resumed."""
+    by_key = subscribe(Api(issue_key(buyer, scope="admin")), "https://receiver.example.com/by-key")
+    own = owner_api.post(f"/agents/{buyer.pk}/webhooks", {"url": "https://receiver.example.com/own"}).json()
+    assert owner_api.post(f"/agents/{buyer.pk}/webhooks/{own['id']}/pause").status_code == 200
+    key_id = WebhookSubscription.objects.get(pk=by_key["id"]).created_with_key_id
+    revoked = owner_api.post(f"/agents/{buyer.pk}/api-keys/{key_id}/revoke")
+    assert revoked.status_code == 200, revoked.content
+
+    listed = {hook["id"]: hook for hook in owner_api.get(f"/agents/{buyer.pk}/webhooks").json()}
+    assert (listed[own["id"]]["paused"], listed[own["id"]]["paused_reason"]) == (True, "paused_by_request")
+    assert (listed[by_key["id"]]["paused"], listed[by_key["id"]]["paused_reason"]) == (True, "credential_revoked")
+    assert listed[by_key["id"]]["paused_at"] is not None and listed[own["id"]]["paused_at"] is not None
+
+    resumed = owner_api.post(f"/agents/{buyer.pk}/webhooks/{by_key['id']}/resume").json()
+    assert (resumed["paused"], resumed["paused_reason"], resumed["paused_at"]) == (False, None, None)

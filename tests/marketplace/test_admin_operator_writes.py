@@ -193,6 +193,19 @@ def test_an_operators_change_to_a_subscription_keeps_what_the_api_did_to_it_mean
     else:
         assert (row.is_active, row.secret) == (False, "")
 
+def test_a_subscription_an_operator_pauses_says_so_to_its_agent(operator, seller, seller_api):
+    """Paused in the admin, the subscription says who paused it (`paused_reason`), not the agent's own request."""
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+
+    response = operator.post(page, {**SUBSCRIPTION_FORM, "agent": seller.pk, "url": webhook["url"],
+                                    "paused_at_0": "2026-01-02", "paused_at_1": "03:04:05"})
+    assert response.status_code == 302, response.content
+
+    (listed,) = seller_api.get(f"/agents/{seller.pk}/webhooks").json()
+    assert (listed["paused"], listed["paused_reason"]) == (True, "paused_by_operator")
+
+
 def test_a_subscription_whose_address_the_guard_refuses_now_is_still_deleted_in_the_admin(operator, seller, seller_api,
                                                                                         guard_on):
     """The checks are of what the operator changes: unticking a subscription whose name resolves to an internal
