@@ -371,6 +371,19 @@ class WebhookSerializer(serializers.Serializer):
         secret_field="secret",
         help_text="While a rotation's overlap runs, deliveries carry a second `v1` signature, by the replaced "
                   "secret, until then; null when none runs.")
+    paused = serializers.SerializerMethodField()
+    paused_at = serializers.DateTimeField(allow_null=True, help_text="Since when it is paused; null when it is not.")
+    paused_reason = serializers.SerializerMethodField(
+        help_text="Why it is paused: `paused_by_request` (a pause asked through the API), `credential_revoked` (the "
+                  "credential that created it was revoked: delete it unless it is yours), `paused_by_operator`; "
+                  "null when it is not.")
+
+    def get_paused(self, subscription) -> bool:
+        return subscription.paused_at is not None
+
+    @extend_schema_field(serializers.ChoiceField(choices=PauseReason.choices, allow_null=True))
+    def get_paused_reason(self, subscription) -> str | None:
+        return (subscription.paused_reason or None) if subscription.paused_at is not None else None
 
 
 class WebhookCreatedSerializer(WebhookSerializer):
@@ -727,19 +740,7 @@ class AgentWebhookCreateSerializer(WebhookCreateSerializer):
 
 
 class AgentWebhookSerializer(WebhookSerializer):
-    paused = serializers.SerializerMethodField()
-    paused_at = serializers.DateTimeField(allow_null=True, help_text="Since when it is paused; null when it is not.")
-    paused_reason = serializers.SerializerMethodField(
-        help_text="Why it is paused: `paused_by_request` (a pause asked through the API), `credential_revoked` (the "
-                  "credential that created it was revoked: delete it unless it is yours), `paused_by_operator`; "
-                  "null when it is not.")
-
-    def get_paused(self, subscription) -> bool:
-        return subscription.paused_at is not None
-
-    @extend_schema_field(serializers.ChoiceField(choices=PauseReason.choices, allow_null=True))
-    def get_paused_reason(self, subscription) -> str | None:
-        return (subscription.paused_reason or None) if subscription.paused_at is not None else None
+    """A subscription as the `/agents/{id}/webhooks` routes show it (its own schema component)."""
 
 
 class AgentWebhookSecretSerializer(AgentWebhookSerializer):

@@ -797,6 +797,10 @@ def test_a_paused_subscription_says_why_and_since_when(owner_api, buyer):
     assert (listed[own["id"]]["paused"], listed[own["id"]]["paused_reason"]) == (True, "paused_by_request")
     assert (listed[by_key["id"]]["paused"], listed[by_key["id"]]["paused_reason"]) == (True, "credential_revoked")
     assert listed[by_key["id"]]["paused_at"] is not None and listed[own["id"]]["paused_at"] is not None
+    # The agent's own list says it too.
+    (as_the_agent,) = [hook for hook in Api(issue_key(buyer, scope="admin")).get("/webhooks").json()
+                       if hook["id"] == own["id"]]
+    assert (as_the_agent["paused"], as_the_agent["paused_reason"]) == (True, "paused_by_request")
 
     resumed = owner_api.post(f"/agents/{buyer.pk}/webhooks/{by_key['id']}/resume").json()
     assert (resumed["paused"], resumed["paused_reason"], resumed["paused_at"]) == (False, None, None)
