@@ -546,6 +546,24 @@ def test_a_guarded_exchange_needs_a_deadline(http_server):
     assert http_server.requests == []
 
 
+def test_a_proxy_named_in_the_environment_takes_no_guarded_exchange_elsewhere(http_server, monkeypatch):
+    """A host's egress proxy variables (HTTP_PROXY, ALL_PROXY) would send a webhook, skill or Masumi call through a
+    proxy the guard never checks, to whichever address the proxy resolves: a guarded client ignores them and
+    connects to the vetted addresses itself."""
+    proxy = RecordingServer().start()
+    try:
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+            monkeypatch.setenv(name, proxy.url)
+        with outbound.guarded_client(timeout=httpx.Timeout(5.0)) as client, outbound.deadline(5.0):
+            assert client.post(f"{http_server.url}/hook", content=b"{}").status_code == 200
+    finally:
+        proxy.stop()
+    assert [request.path for request in http_server.requests] == ["/hook"]
+    assert proxy.requests == []
+
+
 def test_a_masumi_seller_dribbling_its_answer_is_unavailable_within_the_service_timeout(settings):
     settings.MASUMI_SERVICE_TIMEOUT = 0.5
     with serving(DribblesItsHead) as url:
