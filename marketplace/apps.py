@@ -10,7 +10,7 @@ class MarketplaceConfig(AppConfig):
     def ready(self):
         from django.core.signals import request_started
 
-        from marketplace import caching, chainconfig, dead_letters, metrics, middleware, money
+        from marketplace import caching, chainconfig, dead_letters, metrics, middleware, money, outbound
 
         request_started.connect(middleware.keep_server_path_info, dispatch_uid="marketplace.keep_server_path_info")
 
@@ -18,6 +18,7 @@ class MarketplaceConfig(AppConfig):
         dead_letters.panels_register()
         checks.register(chainconfig.signing_keys_check)
         checks.register(caching.shared_cache_check, deploy=True)
+        checks.register(outbound.private_addresses_check, deploy=True)
         checks.register(money.amount_limit_check)
 
 

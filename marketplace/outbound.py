@@ -58,6 +58,7 @@ import h11
 import httpcore
 import httpx
 from django.conf import settings
+from django.core import checks
 
 from marketplace import bounded_json, outbound_networks
 from marketplace.url_credentials import has_credentials
@@ -104,6 +105,21 @@ def _reached(ip: IPAddress, nat64_prefixes: tuple[ipaddress.IPv6Network, ...]) -
     if any(ip in network for network in _REACHING_UNKNOWN):
         return None
     return ip.sixtofour or ip
+
+
+def private_addresses_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """Deployment system check (`manage.py check --deploy`, E004): ALLOW_PRIVATE_UPSTREAMS, a development setting
+    (on while DEBUG: `make run` and the tests call upstreams on loopback), is off once DEBUG is. Set on its own in a
+    production environment (copied from a development one), it turned the guard off with no sign: every seller's and
+    webhook's URL could name the metadata service, the database or Redis. A deployment that means it (sellers on its
+    own private network) silences it (SILENCED_SYSTEM_CHECKS)."""
+    if not settings.ALLOW_PRIVATE_UPSTREAMS or settings.DEBUG:
+        return []
+    return [checks.Error(
+        "ALLOW_PRIVATE_UPSTREAMS is on with DEBUG off: the SSRF guard lets sellers' upstreams and webhooks call "
+        "loopback, private and link-local addresses (the metadata service, the database, Redis).",
+        hint="Unset ALLOW_PRIVATE_UPSTREAMS (it follows DEBUG), or silence marketplace.E004 if every private "
+             "address the platform reaches may be called by any seller.", id="marketplace.E004")]
 
 
 @functools.lru_cache(maxsize=4)

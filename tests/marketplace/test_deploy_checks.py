@@ -30,7 +30,20 @@ def test_check_deploy_accepts_redis_and_plain_check_any_cache(settings):
     call_command("check", stdout=io.StringIO())  # the suite's default, local-memory cache
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
                                    "LOCATION": "redis://127.0.0.1:6379/0"}}
+    settings.ALLOW_PRIVATE_UPSTREAMS = False  # as DEBUG off makes it
     call_command("check", deploy=True, stdout=io.StringIO())
+
+
+def test_check_deploy_refuses_the_ssrf_guard_turned_off_without_debug(settings):
+    """ALLOW_PRIVATE_UPSTREAMS (a development setting: upstreams on loopback) left on in a production environment
+    turns the SSRF guard off: every seller and webhook URL may name the metadata service, the database or Redis.
+    `check` (the tests, which call loopback servers) asks nothing of it."""
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": "redis://127.0.0.1:6379/0"}}
+    settings.DEBUG, settings.ALLOW_PRIVATE_UPSTREAMS = False, True
+    call_command("check", stdout=io.StringIO())
+    with pytest.raises(SystemCheckError, match=r"(?s)marketplace.E004\) ALLOW_PRIVATE_UPSTREAMS is on"):
+        call_command("check", deploy=True, stdout=io.StringIO())
 
 
 ROOT = Path(__file__).resolve().parents[2]
