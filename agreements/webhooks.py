@@ -75,7 +75,7 @@ def subscriptions_of_revoked_credentials_pause(*, api_key_ids: list, owner_token
     stolen token or key sent the victim's agreement events to its URL after the credential was revoked. Paused, not
     deleted: events stay in the agent's inbox, and the owner resumes (with a live credential) what was theirs. One
     already paused keeps its time and now says the revocation (`paused_reason`): its owner, told why, does not resume
-    a thief's. How many."""
+    a thief's. How many it marked so, those paused before included."""
     if not api_key_ids and not owner_token_ids:
         return 0
     return WebhookSubscription.objects.filter(

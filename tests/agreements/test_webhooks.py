@@ -789,6 +789,8 @@ def test_a_paused_subscription_says_why_and_since_when(owner_api, buyer):
     by_key = subscribe(Api(issue_key(buyer, scope="admin")), "https://receiver.example.com/by-key")
     own = owner_api.post(f"/agents/{buyer.pk}/webhooks", {"url": "https://receiver.example.com/own"}).json()
     assert owner_api.post(f"/agents/{buyer.pk}/webhooks/{own['id']}/pause").status_code == 200
+    # Paused before its credential is revoked: it keeps its time, and says the revocation.
+    paused_at = owner_api.post(f"/agents/{buyer.pk}/webhooks/{by_key['id']}/pause").json()["paused_at"]
     key_id = WebhookSubscription.objects.get(pk=by_key["id"]).created_with_key_id
     revoked = owner_api.post(f"/agents/{buyer.pk}/api-keys/{key_id}/revoke")
     assert revoked.status_code == 200, revoked.content
@@ -796,7 +798,7 @@ def test_a_paused_subscription_says_why_and_since_when(owner_api, buyer):
     listed = {hook["id"]: hook for hook in owner_api.get(f"/agents/{buyer.pk}/webhooks").json()}
     assert (listed[own["id"]]["paused"], listed[own["id"]]["paused_reason"]) == (True, "paused_by_request")
     assert (listed[by_key["id"]]["paused"], listed[by_key["id"]]["paused_reason"]) == (True, "credential_revoked")
-    assert listed[by_key["id"]]["paused_at"] is not None and listed[own["id"]]["paused_at"] is not None
+    assert listed[by_key["id"]]["paused_at"] == paused_at and listed[own["id"]]["paused_at"] is not None
     # The agent's own list says it too.
     (as_the_agent,) = [hook for hook in Api(issue_key(buyer, scope="admin")).get("/webhooks").json()
                        if hook["id"] == own["id"]]
