@@ -610,6 +610,8 @@ class PurchaseLockFundsView(APIView):
 # --- the seller's side: this marketplace as the seller's Masumi node ---------------------------------------------
 
 class PaymentView(APIView):
+    throttle_scope = {"POST": "payments"}  # each request reads the chain's clock and writes a row
+
     def get_permissions(self):
         return [agent_scope(KeyScope.READ if self.request.method == "GET" else KeyScope.PAY)()]
 

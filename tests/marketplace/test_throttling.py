@@ -103,6 +103,18 @@ def test_seller_usage_reports_are_limited(limits, seller_api):
     assert_rate_limited(seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "k2"}))
 
 
+def test_masumi_payment_requests_are_limited_as_payments(limits, seller_api):
+    """Each `POST /payment` reads the chain's clock (its timers count from it) and writes a request: under the API's
+    rate alone (6,000 a minute) a seller's key made the node answer thousands of reads a minute, refused ones too
+    (at its bound of unpaid requests the clock is read before the refusal). Listing them is a read."""
+    limits(payments="1/day")
+    body = {"network": "Preprod", "agentIdentifier": "00000000-0000-0000-0000-000000000000",
+            "identifierFromPurchaser": "order-1"}
+    assert seller_api.post("/payment", body, headers={"Idempotency-Key": "k1"}).status_code == 404
+    assert_rate_limited(seller_api.post("/payment", body, headers={"Idempotency-Key": "k2"}))
+    assert seller_api.get("/payment", {"network": "Preprod"}).status_code == 200
+
+
 @pytest.mark.chain
 def test_proxied_calls_are_limited_and_a_refused_call_costs_nothing(limits, escrow_chain, http_server,
                                                                      django_capture_on_commit_callbacks):
