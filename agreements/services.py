@@ -557,9 +557,21 @@ def _with_direct_payment(proposal: Proposal, *, payment_header: str, fee_permit:
     direct = _direct_payment_check(payment_header=payment_header, fee_permit=fee_permit, amount=proposal.deposit,
                                    fee=proposal.fee, payer=payer, seller=proposal.terms["seller_wallet_address"],
                                    chain_now=chain_now)
+    _direct_authorization_unspent_require(direct)
     return replace(proposal, direct=direct, fee_permit=fee_permit, proposal_expires_at=min(
         proposal.proposal_expires_at, _direct_acceptance_deadline(
             valid_before=direct.valid_before, fee_permit=fee_permit, chain_now=chain_now, now=proposal.proposed_at)))
+
+
+def _direct_authorization_unspent_require(authorization: x402_protocol.Authorization) -> None:
+    """An authorization the chain shows used or cancelled already is no payment of this purchase: the accept would
+    take an earlier transfer under it (the buyer paying the seller's wallet elsewhere: its own x402 endpoint, another
+    marketplace) for this purchase's payment, the seller delivering twice for one payment."""
+    if not _authorization_spent_reader:
+        raise DependencyUnavailable("Direct payments are not available.", code="direct_payments_unavailable")
+    if _authorization_spent_reader[0](authorization):
+        raise Conflict("payment_header: the chain shows this authorization used or cancelled already; sign a new "
+                       "one.", code="authorization_already_used", details={"field": "payment_header"})
 
 
 def _direct_acceptance_deadline(*, valid_before: int, fee_permit: dict, chain_now: int, now: datetime) -> datetime:
@@ -761,6 +773,8 @@ class PaymentAuthorizationUseReader(Protocol):
 
 
 _payment_authorization_use_reader: list[PaymentAuthorizationUseReader] = []
+AuthorizationSpentReader = Callable[[x402_protocol.Authorization], bool]
+_authorization_spent_reader: list[AuthorizationSpentReader] = []
 ChainClockReader = Callable[[], int]
 _chain_clock_reader: list[ChainClockReader] = []
 _next_block_clock_reader: list[ChainClockReader] = []
@@ -776,6 +790,12 @@ def payment_authorization_use_reader_register(*, reader: PaymentAuthorizationUse
     authorization as it says (its price paid to the seller), else None; `confirmed`: only a use mined at the
     confirmation depth. The escrow app reads it from the chain."""
     _payment_authorization_use_reader[:] = [reader]
+
+
+def authorization_spent_reader_register(*, reader: AuthorizationSpentReader) -> None:
+    """`reader(authorization)` is whether the token counts an EIP-3009 authorization used or cancelled (its
+    `authorizationState`). The escrow app reads it from the chain."""
+    _authorization_spent_reader[:] = [reader]
 
 
 def chain_clock_reader_register(*, reader: ChainClockReader, next_block_reader: ChainClockReader) -> None:
@@ -1809,7 +1829,8 @@ def hooks_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     hooks = {"direct payment executor": _direct_payment_executor, "permit nonce reader": _permit_nonce_reader,
              "token domain reader": x402_protocol.token_domain_reader_registered(),
              "finality wait reader": selectors.finality_wait_reader_registered(),
-             "chain clock reader": bool(_chain_clock_reader)}
+             "chain clock reader": bool(_chain_clock_reader),
+             "authorization state reader": bool(_authorization_spent_reader)}
     return [checks.Error(f"No {name} is registered with agreements.", obj=__name__, id="agreements.E001",
                          hint="The escrow app registers it in EscrowConfig.ready().")
             for name, registered in hooks.items() if not registered]

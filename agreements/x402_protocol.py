@@ -50,12 +50,13 @@ from x402.mechanisms.evm.utils import format_amount, hex_to_bytes
 from x402.mechanisms.evm.verify import verify_eoa_signature
 
 from agreements.models import PaymentAuthorization, SkillInvocation
-from marketplace import bounded_json, chainconfig
+from marketplace import bounded_json, chainconfig, signatures
 from marketplace.errors import DependencyUnavailable
 from marketplace.fields import is_address
 from sdk import x402_signing
 
 USDC_DECIMALS = 6
+X402_VERSIONS = [1, 2]  # the payment payloads read (v1 normalised to v2's shape)
 # Headers a buyer may send its signed payment in: x402 v2, x402 v1, and the Services API seed's name.
 PAYMENT_HEADERS = ("PAYMENT-SIGNATURE", "X-PAYMENT", "X-Payment-Signature")
 # The payer of a bare signature, for a caller without an agent API key.
@@ -277,7 +278,13 @@ def decode(header: str) -> PaymentPayload:
     try:
         # x402 parses it with json.loads, which has no depth limit and keeps the last of a key given twice (other
         # parsers the first): a payment means one thing.
-        bounded_json.loads(safe_base64_decode(header), duplicate_keys=False)
+        data = bounded_json.loads(safe_base64_decode(header), duplicate_keys=False)
+        version = data.get("x402Version", 2) if isinstance(data, dict) else 2
+        # x402 reads anything equal to 1 (`true`, `1.0`) as v1 and anything else (3, "2", 2.0) as v2: a payment
+        # says which protocol it speaks in one spelling, one this server speaks.
+        if type(version) is not int or version not in X402_VERSIONS:
+            raise InvalidPayment("unsupported_x402_version", f"x402Version must be one of {list(X402_VERSIONS)}, "
+                                                             f"a JSON integer.", details={"supported": X402_VERSIONS})
         payload = decode_payment_signature_header(header)
     except (binascii.Error, UnicodeDecodeError, ValidationError, ValueError, AttributeError, TypeError) as exc:
         raise InvalidPayment("malformed_payment", "The payment header is neither a base64 x402 payment payload "
@@ -379,11 +386,16 @@ def _window_refusal(values: Authorization, *, now: int, min_validity_seconds: in
 
 
 def _signed_by(authorization: ExactEIP3009Authorization, signature: str, *, asset: str) -> bool:
-    """Whether `signature` is the authorization's payer's, under the token's EIP-712 domain."""
+    """Whether `signature` is the authorization's payer's, under the token's EIP-712 domain, as the token takes it
+    (a high-s twin, or a v of 0 or 1, recovers to the payer in Python and reverts on the chain: a direct purchase so
+    signed was offered to its seller and failed at the accept)."""
     name, version = token_domain()
     try:
+        raw = hex_to_bytes(signature)
+        if not signatures.contracts_take(raw):
+            return False
         digest = hash_eip3009_authorization(authorization, settings.CHAIN_ID, asset, name, version)
-        return verify_eoa_signature(digest, hex_to_bytes(signature), authorization.from_address)
+        return verify_eoa_signature(digest, raw, authorization.from_address)
     except Exception:  # noqa: BLE001 - whatever a malformed signature raises, it is not the payer's
         return False
 

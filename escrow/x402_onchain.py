@@ -513,6 +513,14 @@ def _authorization_spent(authorization) -> bool:
                                                          hex_to_bytes(authorization.nonce)).call)
 
 
+def _proposed_authorization_spent(authorization) -> bool:
+    """`_authorization_spent` of a direct proposal's payment, before it is recorded; 503 when the node does not
+    answer."""
+    _require_chain()
+    with chain.unavailable_as_503():
+        return _authorization_spent(authorization)
+
+
 def _authorization_use(authorization, *, confirmed: bool = False) -> dict | None:
     """The transaction that used the x402 authorization (its transfer ran: AuthorizationUsed), as evidence: its
     hash (`used_by`) and block (relayer.EVIDENCE_BLOCK); None when none did (unused, or closed:
@@ -875,6 +883,7 @@ def handlers_register() -> None:
     agreement_selectors.finality_wait_reader_register(reader=selectors.finality_waits)
     agreement_services.direct_payment_executor_register(check=_direct_payment_preflight, queue=_direct_payment_queue)
     agreement_services.payment_authorization_use_reader_register(reader=_direct_payment_made_by)
+    agreement_services.authorization_spent_reader_register(reader=_proposed_authorization_spent)
     agreement_services.chain_clock_reader_register(reader=chain_clock.chain_now,
                                                    next_block_reader=chain_clock.signature_window_clock)
     relayer.outcome_handler_register(purpose=TxPurpose.INVOCATION_PAYMENT, on_outcome=_invocation_payment_outcome,

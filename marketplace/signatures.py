@@ -14,6 +14,11 @@ from sdk.typed_data import recover_typed_data_signer
 _SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 
 
+def contracts_take(raw: bytes) -> bool:
+    """Whether the contracts take a 65-byte EOA signature as given: v 27 or 28, s at most n/2."""
+    return len(raw) == 65 and raw[64] in (27, 28) and int.from_bytes(raw[32:64], "big") <= _SECP256K1_HALF_N
+
+
 def signer_require(*, typed: dict, signature: str, expected: str, field: str,
                    mismatch_code: str = "wrong_signer") -> None:
     """`signature` must be `expected`'s signature of `typed`. InvalidInput `invalid_signature` when it is not a
@@ -23,7 +28,7 @@ def signer_require(*, typed: dict, signature: str, expected: str, field: str,
     the relayer's expense, as often as the caller asked."""
     try:
         raw = bytes.fromhex(signature.removeprefix("0x"))
-        if len(raw) != 65 or raw[64] not in (27, 28) or int.from_bytes(raw[32:64], "big") > _SECP256K1_HALF_N:
+        if not contracts_take(raw):
             raise ValueError("not a 65-byte signature with v 27 or 28 and s at most n/2: refused by the contracts")
         signer = recover_typed_data_signer(typed, signature)
     except Exception as exc:  # noqa: BLE001 - any malformed signature is the caller's input error

@@ -362,6 +362,47 @@ def test_a_payment_signature_spelled_with_whitespace_is_recorded_as_its_65_bytes
     assert UsageAgreement.objects.get().payment_authorization.signature == signature.lower()
 
 
+def test_a_payment_signed_high_s_is_refused_at_proposal_not_failed_at_the_accept(purchase):
+    """The payment's signature with s replaced by n - s (v flipped) recovers to the buyer in Python, so the proposal
+    was taken, but the token refuses any s above n/2: the seller was offered a purchase whose payment can never run.
+    It is 400 `invalid_signature`, as every other signature of the buyer's, nothing recorded."""
+    body = purchase.body()
+    payload = json.loads(base64.b64decode(body["payment_header"]))
+    payload["payload"]["signature"] = _high_s(payload["payload"]["signature"])
+
+    response = purchase.parties.buyer_api.post("/usage-agreements", {
+        **body, "payment_header": base64.b64encode(json.dumps(payload).encode()).decode()})
+
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "invalid_signature"
+    assert not UsageAgreement.objects.exists()
+
+
+@pytest.mark.parametrize("spent_by", ["a transfer", "its cancellation"])
+def test_a_payment_authorization_spent_on_chain_before_the_proposal_is_refused(purchase, spent_by,
+                                                                             django_capture_on_commit_callbacks):
+    """An authorization the chain shows used (the buyer paid the seller's wallet with it elsewhere: its own x402
+    endpoint, another marketplace) or cancelled before the purchase was proposed: the proposal was taken, and the
+    seller's accept took the old transfer for this purchase's payment (paid, the fee collected), so the seller
+    delivered twice for one payment. Refused 409 `authorization_already_used`, nothing recorded."""
+    body = purchase.body()
+    if spent_by == "its cancellation":
+        purchase.cancel_authorization(body)
+    else:
+        signed = decode_payment_signature_header(body["payment_header"]).payload
+        authorization = signed["authorization"]
+        _send_authorization(purchase.chain, purchase.chain.accounts.stranger.address, payer=authorization["from"],
+                            pay_to=authorization["to"], amount=authorization["value"],
+                            valid_after=authorization["validAfter"], valid_before=authorization["validBefore"],
+                            nonce=authorization["nonce"], signature=signed["signature"])
+
+    response = purchase.parties.buyer_api.post("/usage-agreements", body)
+
+    assert response.status_code == 409, response.content
+    assert error_code(response) == "authorization_already_used"
+    assert not UsageAgreement.objects.exists()
+
+
 def test_a_payment_authorization_valid_for_longer_than_a_day_is_refused(purchase, settings):
     """A closed proposal's authorization is watched until its validBefore (and a failed payment's, by the relayer):
     one signed valid for years was read from the chain at every turn of the watch for years, never ended, each such
@@ -530,11 +571,17 @@ def _use_authorization(chain, agreement_id: str, sender: str):
     `sender`; returns the transaction's hash once it is mined. Anvil answers a send before it mines it: a read just
     after could see the balances before it or, read by read, half of it (the seller paid, the buyer not charged)."""
     record = UsageAgreement.objects.select_related("payment_authorization").get(pk=agreement_id).payment_authorization
-    v, r, s = typed_data.split_signature(record.signature)
+    return _send_authorization(chain, sender, payer=record.payer, pay_to=record.pay_to, amount=record.amount,
+                               valid_after=record.valid_after, valid_before=record.valid_before, nonce=record.nonce,
+                               signature=record.signature)
+
+
+def _send_authorization(chain, sender: str, *, payer, pay_to, amount, valid_after, valid_before, nonce, signature):
+    v, r, s = typed_data.split_signature(signature)
     tx_hash = chain.usdc.functions.transferWithAuthorization(
-        chain.w3.to_checksum_address(record.payer), chain.w3.to_checksum_address(record.pay_to), int(record.amount),
-        int(record.valid_after), int(record.valid_before), bytes.fromhex(record.nonce[2:]), v, bytes.fromhex(r[2:]),
-        bytes.fromhex(s[2:])).transact({"from": sender})
+        chain.w3.to_checksum_address(payer), chain.w3.to_checksum_address(pay_to), int(amount), int(valid_after),
+        int(valid_before), bytes.fromhex(nonce[2:]), v, bytes.fromhex(r[2:]), bytes.fromhex(s[2:])).transact(
+        {"from": sender})
     mined_what_was_sent()
     return tx_hash
 

@@ -62,6 +62,15 @@ def test_a_payment_header_with_a_key_given_twice_is_refused(market):
     _refused(market, base64.b64encode(doubled.encode()).decode())
 
 
+@pytest.mark.parametrize("version", [3, 0, "2", 2.0, True, None], ids=["3", "0", "string", "json-float", "true", "null"])
+def test_a_payment_in_an_x402_version_this_server_does_not_speak_is_refused(market, version):
+    """x402 reads `x402Version` loosely: 1 (or anything equal to it, `true`, `1.0`) as v1, anything else as v2, so a
+    payment announcing version 3 (a protocol this server does not speak), "2" or 2.0 was paid as v2. The version is
+    the JSON integer 1 or 2."""
+    _refused(market, _with_payload(market.pay("translate"), lambda payload: payload.update(x402Version=version)),
+             code="unsupported_x402_version")
+
+
 @pytest.mark.parametrize("change", [
     _authorization(nonce="0xabc"),  # odd length
     lambda p: p["payload"]["authorization"].update(nonce="0X" + p["payload"]["authorization"]["nonce"][2:]),

@@ -28,6 +28,7 @@ def test_start_up_check_fails_for_a_transaction_kind_without_outcome_handler(mon
 @pytest.mark.parametrize(("registry", "message"), [
     (agreement_services._direct_payment_executor, r"agreements\.E001.*No direct payment executor"),
     (agreement_services._permit_nonce_reader, r"agreements\.E001.*No permit nonce reader"),
+    (agreement_services._authorization_spent_reader, r"agreements\.E001.*No authorization state reader"),
     (x402_protocol._token_domain_reader, r"agreements\.E001.*No token domain reader"),
     (invocations._settlement_handler, r"agreements\.E002.*No invocation settlement handler"),
 ])
