@@ -119,16 +119,8 @@ def test_x402s_stock_httpx_client_pays_for_a_skill_and_reads_payment_response(se
     chain, wallet = escrow_chain, escrow_chain.accounts.buyer
     before = usdc_balance(chain, wallet.address)
 
-    async def pay() -> httpx.Response:
-        client = x402Client()
-        client.register("eip155:*", ExactEvmScheme(EthAccountSigner(Account.from_key(wallet.key))))
-        client.set_spend_controls({"allowed_assets": [
-            {"network": f"eip155:{chain.chain_id}", "asset": chain.addresses["usdc"]}]})
-        async with x402HttpxClient(client, base_url=live_server.url, timeout=60) as http:
-            return await http.post(f"/agents/{seller.me()['handle']}/translate", json={"input": {"text": "hi"}})
-
     with relayer_polling():
-        response = asyncio.run(pay())
+        response = _stock_client_invokes(chain, wallet.key, live_server.url, f"/agents/{seller.me()['handle']}/translate")
 
     assert response.status_code == 200, response.text
     assert response.json()["result"] == {"translation": "bonjour"}
@@ -136,6 +128,34 @@ def test_x402s_stock_httpx_client_pays_for_a_skill_and_reads_payment_response(se
     assert settled.success and settled.transaction == response.json()["payment"]["tx_hash"]
     assert settled.network == f"eip155:{chain.chain_id}" and settled.payer == wallet.address
     assert usdc_balance(chain, wallet.address) == before - 20_000
+
+
+def _stock_client_invokes(chain, key: str, base_url: str, path: str) -> httpx.Response:
+    """x402's own httpx client, unmodified but for the dev chain's token in its spend controls, calls `path`."""
+    async def pay() -> httpx.Response:
+        client = x402Client()
+        client.register("eip155:*", ExactEvmScheme(EthAccountSigner(Account.from_key(key))))
+        client.set_spend_controls({"allowed_assets": [
+            {"network": f"eip155:{chain.chain_id}", "asset": chain.addresses["usdc"]}]})
+        async with x402HttpxClient(client, base_url=base_url, timeout=60) as http:
+            return await http.post(path, json={"input": {"text": "hi"}})
+
+    return asyncio.run(pay())
+
+
+def test_x402s_stock_client_refused_gets_the_402_with_its_code_and_pays_nothing(seller_and_buyer, escrow_chain,
+                                                                               http_server, live_server):
+    """What x402's own client meets when its payment is refused (a wallet holding no USDC): the 402 to its paid retry,
+    which it hands back as it is, says why in x402's `error` (our code) and in `details.x402_reason`; the seller is
+    not called."""
+    seller, _, _ = seller_and_buyer
+
+    response = _stock_client_invokes(escrow_chain, escrow_chain.accounts.stranger.key, live_server.url,
+                                     f"/agents/{seller.me()['handle']}/translate")
+
+    assert response.status_code == 402, response.text
+    assert response.json()["error"] == "insufficient_balance" and response.json()["details"]["x402_reason"]
+    assert http_server.requests == []
 
 
 def test_a_refused_payment_raises_with_the_402s_code(seller_and_buyer, escrow_chain, http_server):
