@@ -500,7 +500,7 @@ def current_fees() -> Fees:
         tip = client.eth.max_priority_fee
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
-    tip = max(tip, settings.CHAIN_MIN_PRIORITY_FEE)
+    tip = min(max(tip, settings.CHAIN_MIN_PRIORITY_FEE), settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS)
     max_fee = min(2 * base + tip, settings.CHAIN_MAX_FEE_PER_GAS)
     # A tip above the max fee is no transaction a node accepts: a suggested tip past the cap is capped with it.
     return Fees(max_fee_per_gas=max_fee, max_priority_fee_per_gas=min(tip, max_fee))
@@ -609,14 +609,24 @@ def _check_block(block, number: int) -> None:
                               f"and hash {block_hash!r:.80}")
 
 
+# What any transaction costs before it runs: an estimate below it is no node's honest answer.
+_INTRINSIC_GAS = 21_000
+
+
 def simulate(*, sender: str, to: str, data: str) -> int:
-    """eth_call + estimateGas of a transaction; returns the gas estimate or raises Reverted."""
+    """eth_call + estimateGas of a transaction; returns the gas estimate or raises Reverted. An estimate below the
+    intrinsic gas or above CHAIN_MAX_GAS_PER_TRANSACTION is UntrustedAnswer: signed with it, the transaction held its
+    nonce with a limit no node takes, and every later one of the wallet waited behind it."""
     tx = {"from": to_checksum_address(sender), "to": to_checksum_address(to), "data": data}
     try:
         w3().eth.call(tx)
-        return w3().eth.estimate_gas(tx)
+        gas = w3().eth.estimate_gas(tx)
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
+    if not isinstance(gas, int) or not _INTRINSIC_GAS <= gas <= settings.CHAIN_MAX_GAS_PER_TRANSACTION:
+        raise UntrustedAnswer(f"the node estimated {gas!r:.80} gas, outside {_INTRINSIC_GAS} to "
+                              f"CHAIN_MAX_GAS_PER_TRANSACTION ({settings.CHAIN_MAX_GAS_PER_TRANSACTION})")
+    return gas
 
 
 @dataclass(frozen=True)

@@ -467,6 +467,13 @@ if PAYOUT_HEAD_TAG not in ("", "safe", "finalized"):
     raise ImproperlyConfigured(f'PAYOUT_HEAD_TAG must be "finalized", "safe" or empty, not {PAYOUT_HEAD_TAG!r}.')
 CHAIN_MIN_PRIORITY_FEE = env.int("CHAIN_MIN_PRIORITY_FEE_WEI", default=1_000_000)  # 0.001 gwei
 CHAIN_MAX_FEE_PER_GAS = env.int("CHAIN_MAX_FEE_PER_GAS_WEI", default=500 * 10**9)
+# The most of the node's suggested priority fee believed: a tip is paid whole to the block's producer, whatever the base
+# fee, so a node suggesting hundreds of gwei (compromised, or a provider's bug) had every transaction pay up to
+# CHAIN_MAX_FEE_PER_GAS per gas. A transaction stuck below it is still bid up 13% a round within CHAIN_MAX_FEE_PER_GAS.
+CHAIN_MAX_PRIORITY_FEE_PER_GAS = env.int("CHAIN_MAX_PRIORITY_FEE_PER_GAS_WEI", default=2 * 10**9)
+# The largest gas estimate believed: a node answering more (beyond any block) had the transaction signed under the next
+# nonce with a limit no node takes, and every later transaction of the wallet waited behind it.
+CHAIN_MAX_GAS_PER_TRANSACTION = env.int("CHAIN_MAX_GAS_PER_TRANSACTION", default=3_000_000)
 CHAIN_FEE_BUMP_PERCENT = 13  # nodes accept a replacement at >= +10%; 12.5% rounded up
 CHAIN_REBROADCAST_AFTER = timedelta(seconds=env.int("CHAIN_REBROADCAST_AFTER_SECONDS", default=30))
 CHAIN_REPLACE_AFTER = timedelta(seconds=env.int("CHAIN_REPLACE_AFTER_SECONDS", default=120))

@@ -1312,6 +1312,56 @@ def test_a_tip_the_node_suggests_above_the_fee_cap_does_not_make_the_first_attem
     assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
+def test_a_tip_a_hostile_node_suggests_far_above_the_chains_is_not_paid(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
+    """A node (compromised, or a provider answering in the wrong unit) suggests a priority fee of hundreds of gwei,
+    below CHAIN_MAX_FEE_PER_GAS. The tip went out as suggested, and a tip is paid whole to the block's producer
+    whatever the base fee: every transaction cost up to the fee cap per gas, thousands of times its price on Base. The
+    node's suggestion is capped at CHAIN_MAX_PRIORITY_FEE_PER_GAS."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS = 2 * 10**9
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_maxPriorityFeePerGas",
+                      lambda answer: {**answer, "result": hex(400 * 10**9)})
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    first = tx.attempts.get()
+    assert int(first.max_priority_fee_per_gas) == settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS
+    assert (tx.status, tx.mined_tx_hash) == (TxStatus.CONFIRMED, first.tx_hash)
+    mined = chain.w3.eth.get_transaction_receipt(first.tx_hash)
+    paid_tip = mined["effectiveGasPrice"] - chain.w3.eth.get_block(mined["blockNumber"])["baseFeePerGas"]
+    assert paid_tip <= settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS
+
+
+@pytest.mark.parametrize("estimate", [10**9, 1], ids=["beyond_any_block", "below_intrinsic_gas"])
+def test_a_gas_estimate_no_transaction_of_ours_can_take_takes_no_nonce(
+        escrow_chain, rpc_relay, django_capture_on_commit_callbacks, estimate):
+    """A node answers a transfer's gas estimate with a billion (beyond any block's gas limit) or with 1 (below the
+    21,000 every transaction costs). The transaction was signed with that limit under the next nonce: refused by
+    every node, round after round with the same limit, and every later transaction of the wallet waited behind its
+    nonce for good. Such an estimate is no answer: the transaction stays queued, no nonce taken, and goes once the
+    node answers one it can take."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_estimateGas",
+                      lambda answer: {**answer, "result": hex(estimate)})
+    with django_capture_on_commit_callbacks(execute=False):
+        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+    with pytest.raises(gateway.UntrustedAnswer):
+        relayer.transaction_submit(transaction_id=tx.pk)
+    tx.refresh_from_db()
+    assert (tx.status, tx.nonce, tx.attempts.count()) == (TxStatus.QUEUED, None, 0)
+    assert tx.submit_error.startswith("UntrustedAnswer")
+    rpc_relay.rewrite_none()
+    relayer.transaction_submit(transaction_id=tx.pk)
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED
+    assert usdc_balance(chain, recipient.address) == 2 * USDC
+
+
 def test_a_relayer_wallet_out_of_gas_keeps_its_bytes_shows_why_and_sends_them_once_topped_up(
         escrow_chain, admin_client, settings, django_capture_on_commit_callbacks):
     """The relayer's wallet cannot pay a payout's gas: the node refuses it (insufficient funds). Each round replaced it
