@@ -109,15 +109,28 @@ def unavailable_as_503(errors: type[ChainError] = ChainError) -> Iterator[None]:
         raise unavailable() from error
 
 
+# Each client words its refusals its own way (matched lowercased): geth's, which reth, op-geth (Base's sequencer),
+# Alchemy and Infura answer too, then the others'. One read as an unknown error was recorded refused: a transaction
+# the node holds waited the rebroadcast delay, a wallet that cannot pay its gas was bid up round after round, a tip
+# below the provider's minimum was raised 12.5% a round until stuck at the fee cap.
 _ERROR_PATTERNS: list[tuple[str, type[ChainError]]] = [
-    ("nonce too low", NonceTooLow),
+    ("nonce too low", NonceTooLow),  # geth, reth ("nonce too low: next nonce ..."), Besu ("Nonce too low")
     ("nonce has already been used", NonceTooLow),
+    ("oldnonce", NonceTooLow),  # Nethermind
     ("already known", AlreadyKnown),
-    ("known transaction", AlreadyKnown),
-    ("transaction already imported", AlreadyKnown),  # Anvil's
+    ("known transaction", AlreadyKnown),  # Besu
+    ("alreadyknown", AlreadyKnown),  # Nethermind
+    ("already imported", AlreadyKnown),  # Anvil's, OpenEthereum's
+    ("with same hash", AlreadyKnown),  # Erigon's pool ("existing tx with same hash")
     ("replacement transaction underpriced", ReplacementUnderpriced),
-    ("transaction underpriced", ReplacementUnderpriced),
+    # A tip below the node's minimum, not a replacement (`relayer._tip_refused`): geth's "transaction underpriced",
+    # Erigon's pool "underpriced", Besu's and Nethermind's words.
+    ("underpriced", ReplacementUnderpriced),
+    ("gas price below configured minimum", ReplacementUnderpriced),
+    ("feetoolow", ReplacementUnderpriced),
     ("insufficient funds", InsufficientFunds),
+    ("insufficientfunds", InsufficientFunds),  # Nethermind
+    ("upfront cost exceeds account balance", InsufficientFunds),  # Besu
 ]
 
 

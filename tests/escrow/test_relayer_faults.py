@@ -1362,6 +1362,39 @@ def test_a_gas_estimate_no_transaction_of_ours_can_take_takes_no_nonce(
     assert usdc_balance(chain, recipient.address) == 2 * USDC
 
 
+@pytest.mark.parametrize(("answer", "recorded"), [
+    ("AlreadyKnown", ""),  # Nethermind
+    ("Known transaction", ""),  # Besu
+    ("ALREADY_EXISTS: existing tx with same hash", ""),  # Erigon's pool
+    ("Transaction with the same hash was already imported.", ""),  # OpenEthereum
+    ("OldNonce, Current nonce: 7, nonce of rejected tx: 6", "NonceTooLow"),  # Nethermind
+    ("nonce too low: next nonce 7, tx nonce 6", "NonceTooLow"),  # reth
+    ("Upfront cost exceeds account balance", "InsufficientFunds"),  # Besu
+    ("InsufficientFunds, Account balance: 5, cumulative cost: 9", "InsufficientFunds"),  # Nethermind
+], ids=["nethermind_known", "besu_known", "erigon_known", "openethereum_known", "nethermind_nonce", "reth_nonce",
+        "besu_funds", "nethermind_funds"])
+def test_a_send_answered_in_another_clients_words_means_what_it_says(
+        escrow_chain, rpc_relay, django_capture_on_commit_callbacks, answer, recorded):
+    """The node took the transaction and answered the send with an error in its client's words (a provider's retry of
+    a send whose first answer was lost, a backend of a pool that has it already). Read as an unknown error, a
+    transaction a Nethermind or Besu node already holds was recorded refused (sent again only after the rebroadcast
+    delay, its replacement at its time), a nonce used was not looked into until the replacement round, and a wallet
+    that cannot pay its gas was bid up round after round, asking it for more (what geth's wording already avoids)."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_sendRawTransaction",
+                      lambda node_answer: {"jsonrpc": "2.0", "id": node_answer.get("id"),
+                                           "error": {"code": -32000, "message": answer}})
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    attempt = tx.attempts.get()
+    assert attempt.broadcast_error.split(":", 1)[0] == recorded
+    assert (attempt.broadcast_at is not None) == (recorded == "")
+    rpc_relay.rewrite_none()
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert (tx.status, tx.mined_tx_hash) == (TxStatus.CONFIRMED, attempt.tx_hash)
+
+
 def test_a_relayer_wallet_out_of_gas_keeps_its_bytes_shows_why_and_sends_them_once_topped_up(
         escrow_chain, admin_client, settings, django_capture_on_commit_callbacks):
     """The relayer's wallet cannot pay a payout's gas: the node refuses it (insufficient funds). Each round replaced it
@@ -1528,10 +1561,16 @@ def test_a_backend_without_a_block_the_nonce_scan_bisects_leaves_the_payout_wait
     assert usdc_balance(chain, chain.accounts.stranger.address) == before + 2 * USDC
 
 
+@pytest.mark.parametrize("refusal", [
+    "transaction underpriced",  # geth, reth, op-geth (Base's sequencer), Alchemy, Infura
+    "Gas price below configured minimum gas price",  # Besu
+    "FeeTooLow, EffectivePriorityFeePerGas too low 1000 < 30000000000, BaseFee: 7",  # Nethermind
+    "FEE_TOO_LOW: underpriced",  # Erigon's pool
+], ids=["geth", "besu", "nethermind", "erigon"])
 def test_a_first_attempt_refused_for_a_tip_below_the_providers_minimum_raises_its_tip_not_shown_stuck_at_the_cap(
-        escrow_chain, rpc_relay, monkeypatch, settings, django_capture_on_commit_callbacks):
+        escrow_chain, rpc_relay, monkeypatch, settings, django_capture_on_commit_callbacks, refusal):
     """The provider refuses any transaction tipping below its own minimum ("transaction underpriced": Polygon's
-    30 gwei, some providers' pools), above what the node suggests. Each round bumped both fees 12.5%: the max fee
+    30 gwei, some providers' pools; each client words it its own way), above what the node suggests. Each round bumped both fees 12.5%: the max fee
     reached CHAIN_MAX_FEE_PER_GAS first, the tip still below the minimum, and from then on the same refused bytes were
     sent again and the payout shown "stuck at the fee cap", which raising the cap would not cure. An attempt the node
     refused as underpriced is in no pool, so no replacement rule binds its successor: its tip is raised alone, within
@@ -1552,7 +1591,7 @@ def test_a_first_attempt_refused_for_a_tip_below_the_providers_minimum_raises_it
 
     def provider(raw: str) -> None:
         if TypedTransaction.from_bytes(HexBytes(raw)).as_dict()["maxPriorityFeePerGas"] < minimum_tip:
-            raise gateway.classify(Web3RPCError("{'code': -32000, 'message': 'transaction underpriced'}"))
+            raise gateway.classify(Web3RPCError(f"{{'code': -32000, 'message': '{refusal}'}}"))
         broadcast(raw)
 
     monkeypatch.setattr(gateway, "broadcast", provider)
