@@ -394,11 +394,26 @@ class _BoundedSessionManager(HTTPSessionManager):
 
 class _BoundedProvider(Web3.HTTPProvider):
     """A node's answer is hostile input like any other: bounded in size and time (`_BoundedSessionManager`), and
-    parsed like every other JSON the platform reads (marketplace.bounded_json)."""
+    parsed like every other JSON the platform reads (marketplace.bounded_json). Its chain id is believed for
+    CHAIN_ID_RECHECK_SECONDS: asked before every call web3 validates (eth_call, estimates), it was 22 of the ~55
+    round trips of two activations; believed for the process's life, a provider moved to another network mid-run
+    (its endpoint edited, a DNS or load balancer change) had that chain's blocks read as this one's."""
 
     def __init__(self, rpc_url: str, *, max_bytes: int, **kwargs):
         super().__init__(rpc_url, **kwargs)
         self._request_session_manager = _BoundedSessionManager(max_bytes)
+        self._chain_id_answer: tuple[Any, float] | None = None  # (the node's answer, when: time.monotonic())
+
+    def make_request(self, method: RPCEndpoint, params: Any):
+        if method != "eth_chainId":
+            return super().make_request(method, params)
+        believed = self._chain_id_answer
+        if believed is not None and time.monotonic() - believed[1] < settings.CHAIN_ID_RECHECK_SECONDS:
+            return believed[0]
+        answer = super().make_request(method, params)
+        if isinstance(answer, dict) and "result" in answer and "error" not in answer:
+            self._chain_id_answer = (answer, time.monotonic())
+        return answer
 
     @staticmethod
     def decode_rpc_response(raw_response: bytes):
@@ -412,12 +427,9 @@ def _client(rpc_url: str, timeout: float, retries: int, backoff: float, max_byte
     # tries, the first included (with 0 it made none and answered None).
     transient = ExceptionRetryConfiguration(errors=(requests.ConnectionError, requests.HTTPError, requests.Timeout),
                                             retries=retries + 1, backoff_factor=backoff)
-    # The node's chain id is asked once per client, not before every call web3 validates (eth_call, estimates,
-    # sends): it does not change behind one RPC URL, and it was 22 of the ~55 round trips of two activations.
+    # The node's chain id is believed for a while (`_BoundedProvider.make_request`), not asked before every call.
     return Web3(_BoundedProvider(rpc_url, max_bytes=max_bytes, request_kwargs={"timeout": timeout},
-                                 exception_retry_configuration=transient, cache_allowed_requests=True,
-                                 cacheable_requests={RPCEndpoint("eth_chainId")},
-                                 request_cache_validation_threshold=None))
+                                 exception_retry_configuration=transient))
 
 
 def w3() -> Web3:
@@ -710,8 +722,8 @@ def receipt(tx_hash: str) -> Receipt | None:
 
 def node_chain_check() -> None:
     """Raises WrongChain when the node answers another chain id than CHAIN_ID (a provider's URL of another network,
-    where contracts deployed by the same key at the same nonces have the same addresses). Asked once per client
-    (`_client` caches eth_chainId)."""
+    where contracts deployed by the same key at the same nonces have the same addresses). Asked again once the last
+    answer is CHAIN_ID_RECHECK_SECONDS old (`_BoundedProvider`)."""
     try:
         answered = int(w3().eth.chain_id)
     except Exception as exc:  # noqa: BLE001

@@ -449,6 +449,9 @@ CHAIN_RPC_MAX_ANSWER_BYTES = env.int("CHAIN_RPC_MAX_ANSWER_BYTES", default=32 * 
 # between (0: tried once).
 CHAIN_RPC_RETRIES = env.int("CHAIN_RPC_RETRIES", default=2)
 CHAIN_RPC_RETRY_BACKOFF = env.float("CHAIN_RPC_RETRY_BACKOFF_SECONDS", default=0.25)
+# The node's chain id is believed this long, then asked again: a provider moved to another network mid-run is noticed
+# (WrongChain) by the next poll, submission or indexer pass after it.
+CHAIN_ID_RECHECK_SECONDS = env.float("CHAIN_ID_RECHECK_SECONDS", default=2.0)
 # Blocks on top of a transaction's block (its own included) before its outcome counts. A dev chain does not
 # reorganise: 1. Base and Base Sepolia (OP stack, 2 s blocks) can only reorganise blocks the sequencer has not
 # yet posted to L1; 10 blocks (20 s) covers a sequencer hiccup, and any other chain gets the same until

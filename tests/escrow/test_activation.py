@@ -313,10 +313,11 @@ def test_a_spent_permit_without_the_allowance_is_refused(parties, escrow_chain):
     assert response.status_code == 400 and error_code(response) == "wrong_permit_nonce"
 
 
-def test_the_nodes_chain_id_is_asked_once_per_client(parties, escrow_chain, settings,
-                                                     django_capture_on_commit_callbacks):
+def test_the_nodes_chain_id_is_asked_once_per_recheck_period(parties, escrow_chain, settings,
+                                                             django_capture_on_commit_callbacks):
     """web3 checks a call's chain id against the node's before every eth_call, estimate and send: the node's is
-    asked once per RPC URL (it does not change behind one), not once per call."""
+    asked once per CHAIN_ID_RECHECK_SECONDS (a provider may move to another network), not once per call."""
+    settings.CHAIN_ID_RECHECK_SECONDS = 3600
     relay = RpcRelay(escrow_chain.node.rpc_url).start()
     settings.CHAIN_RPC_URL = relay.url
     try:

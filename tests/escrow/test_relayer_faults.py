@@ -1186,6 +1186,30 @@ def test_a_relayer_pointed_at_a_node_of_another_chain_signs_and_checks_nothing(
     assert set(asked) <= {"eth_chainId"}
 
 
+def test_a_node_switched_to_another_chain_mid_run_reopens_nothing_of_this_one(
+        escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
+    """The provider behind CHAIN_RPC_URL moves to another network mid-run (its endpoint edited to the testnet's, a DNS
+    or load balancer change): the node's chain id was asked once per process, so the relayer went on reading that
+    chain's blocks and receipts as this one's, and a confirmed payout whose block that chain holds another block at
+    was reopened, its domain told to move back what it recorded. The chain id is believed for
+    CHAIN_ID_RECHECK_SECONDS only: the poll after the switch raises WrongChain and reopens nothing."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    confirmed = _a_transfer_mined(chain, recipient, django_capture_on_commit_callbacks)
+    assert confirmed.status == TxStatus.CONFIRMED
+    settings.CHAIN_ID_RECHECK_SECONDS = 0
+    gateway.node_chain_check()  # asked while the node is of this chain
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_chainId",
+                      lambda answer: {**answer, "result": hex(84532)})
+    rpc_relay.rewrite(_block_asked(confirmed.mined_block_number),
+                      lambda answer: {**answer, "result": {**answer["result"], "hash": "0x" + "ab" * 32}})
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getTransactionReceipt",
+                      lambda answer: {**answer, "result": None})
+    with pytest.raises(gateway.WrongChain, match="chain id"):
+        relayer.transactions_poll()
+    confirmed.refresh_from_db()
+    assert (confirmed.status, confirmed.mined_tx_hash) == (TxStatus.CONFIRMED, confirmed.attempts.get().tx_hash)
+
+
 def test_a_node_answering_another_heights_block_in_the_nonce_scan_does_not_send_a_mined_payout_again(
         escrow_chain, rpc_relay, settings, django_capture_on_commit_callbacks):
     """A load-balanced provider: the backend answering the receipt lookup is behind (no receipt yet), the node keeps
