@@ -521,10 +521,13 @@ class Fees:
 def current_fees() -> Fees:
     client = w3()
     try:
-        base = client.eth.get_block("latest")["baseFeePerGas"]
+        base = client.eth.get_block("latest").get("baseFeePerGas")
         tip = client.eth.max_priority_fee
     except Exception as exc:  # noqa: BLE001
         raise classify(exc) from exc
+    if not (isinstance(base, int) and base >= 0 and isinstance(tip, int) and tip >= 0):
+        # Signed with fees no transaction can have (eth_account's error, no chain error), or not at all (KeyError).
+        raise UntrustedAnswer(f"the node answered a base fee of {base!r:.80} and a priority fee of {tip!r:.80}")
     tip = min(max(tip, settings.CHAIN_MIN_PRIORITY_FEE), settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS)
     max_fee = min(2 * base + tip, settings.CHAIN_MAX_FEE_PER_GAS)
     # A tip above the max fee is no transaction a node accepts: a suggested tip past the cap is capped with it.

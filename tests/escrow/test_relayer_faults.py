@@ -1419,6 +1419,41 @@ def test_a_send_answered_in_another_clients_words_means_what_it_says(
     assert (tx.status, tx.mined_tx_hash) == (TxStatus.CONFIRMED, attempt.tx_hash)
 
 
+def _latest_block_without_base_fee(answer: dict) -> dict:
+    return {**answer, "result": {key: value for key, value in answer["result"].items() if key != "baseFeePerGas"}}
+
+
+def _latest_block_with_negative_base_fee(answer: dict) -> dict:
+    return {**answer, "result": {**answer["result"], "baseFeePerGas": "-0x3b9aca00"}}
+
+
+@pytest.mark.parametrize("malformed", [_latest_block_without_base_fee, _latest_block_with_negative_base_fee],
+                         ids=["no_base_fee", "negative_base_fee"])
+def test_a_latest_block_without_a_sane_base_fee_takes_no_nonce_and_fails_nothing_but_the_try(
+        escrow_chain, rpc_relay, django_capture_on_commit_callbacks, malformed):
+    """A node answers the latest block without its base fee, or with a negative one: the relayer's fee reading
+    raised a bare ChainError (KeyError's) or signed fees no transaction can have (rlp's SerializationError, no chain
+    error: the submission task failed as on a bug, the poll's replacement round logged a broken row). Such an answer
+    is UntrustedAnswer (a node's fault, retried): nothing signed, the transaction stays queued and goes once the node
+    answers a block with a base fee."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == "latest",
+                      malformed)
+    with django_capture_on_commit_callbacks(execute=False):
+        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
+    with pytest.raises(gateway.UntrustedAnswer):
+        relayer.transaction_submit(transaction_id=tx.pk)
+    tx.refresh_from_db()
+    assert (tx.status, tx.nonce, tx.attempts.count()) == (TxStatus.QUEUED, None, 0)
+    rpc_relay.rewrite_none()
+    relayer.transaction_submit(transaction_id=tx.pk)
+    confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED
+
+
 def test_a_relayer_wallet_out_of_gas_keeps_its_bytes_shows_why_and_sends_them_once_topped_up(
         escrow_chain, admin_client, settings, django_capture_on_commit_callbacks):
     """The relayer's wallet cannot pay a payout's gas: the node refuses it (insufficient funds). Each round replaced it
