@@ -656,6 +656,7 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
     sender = chain.relayer_account().address
     try:
         gas = chain.simulate(sender=sender, to=tx.to_address, data=tx.data)
+        fees = chain.current_fees()
     except chain.Reverted as reverted:
         if _done_by_a_copy_not_deep_yet(tx):
             return None  # left queued, asked again by the poll once the copy is deep (or by a caller awaiting it)
@@ -668,7 +669,6 @@ def transaction_submit(*, transaction_id) -> ChainTransaction | None:
         ChainTransaction.objects.filter(pk=tx.pk, status=TxStatus.QUEUED).update(
             submit_error=f"{type(erred).__name__}: {erred}"[:500])
         raise
-    fees = chain.current_fees()
     _relayer_account_ensure(sender)
     with transaction.atomic():
         tx = ChainTransaction.objects.select_for_update().filter(pk=transaction_id, status=TxStatus.QUEUED).first()

@@ -1358,6 +1358,25 @@ def test_a_tip_a_hostile_node_suggests_far_above_the_chains_is_not_paid(
     assert paid_tip <= settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS
 
 
+def _refused_untrusted_then_sent(chain, rpc_relay, capture, recipient: str) -> None:
+    """A payout of 2 USDC to `recipient` whose submission meets the node's untrusted answer (rewritten by the test):
+    nothing signed, no nonce taken, queued with the reason the dashboard shows; sent and confirmed once the node
+    answers right."""
+    with capture(execute=False):
+        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
+                                         data=chain.usdc.encode_abi("transfer", args=[recipient, 2 * USDC]))
+    with pytest.raises(gateway.UntrustedAnswer):
+        relayer.transaction_submit(transaction_id=tx.pk)
+    tx.refresh_from_db()
+    assert (tx.status, tx.nonce, tx.attempts.count()) == (TxStatus.QUEUED, None, 0)
+    assert tx.submit_error.startswith("UntrustedAnswer"), "the dashboard's overdue item says why"
+    rpc_relay.rewrite_none()
+    relayer.transaction_submit(transaction_id=tx.pk)
+    confirm_all(capture)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED
+
+
 @pytest.mark.parametrize("estimate", [10**9, 1], ids=["beyond_any_block", "below_intrinsic_gas"])
 def test_a_gas_estimate_no_transaction_of_ours_can_take_takes_no_nonce(
         escrow_chain, rpc_relay, django_capture_on_commit_callbacks, estimate):
@@ -1370,19 +1389,7 @@ def test_a_gas_estimate_no_transaction_of_ours_can_take_takes_no_nonce(
     fund(chain, chain.accounts.deployer.address, 10 * USDC)
     rpc_relay.rewrite(lambda call: call.get("method") == "eth_estimateGas",
                       lambda answer: {**answer, "result": hex(estimate)})
-    with django_capture_on_commit_callbacks(execute=False):
-        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
-    with pytest.raises(gateway.UntrustedAnswer):
-        relayer.transaction_submit(transaction_id=tx.pk)
-    tx.refresh_from_db()
-    assert (tx.status, tx.nonce, tx.attempts.count()) == (TxStatus.QUEUED, None, 0)
-    assert tx.submit_error.startswith("UntrustedAnswer")
-    rpc_relay.rewrite_none()
-    relayer.transaction_submit(transaction_id=tx.pk)
-    confirm_all(django_capture_on_commit_callbacks)
-    tx.refresh_from_db()
-    assert tx.status == TxStatus.CONFIRMED
+    _refused_untrusted_then_sent(chain, rpc_relay, django_capture_on_commit_callbacks, recipient.address)
     assert usdc_balance(chain, recipient.address) == 2 * USDC
 
 
@@ -1440,18 +1447,7 @@ def test_a_latest_block_without_a_sane_base_fee_takes_no_nonce_and_fails_nothing
     fund(chain, chain.accounts.deployer.address, 10 * USDC)
     rpc_relay.rewrite(lambda call: call.get("method") == "eth_getBlockByNumber" and call["params"][0] == "latest",
                       malformed)
-    with django_capture_on_commit_callbacks(execute=False):
-        tx = relayer.transaction_enqueue(purpose=TxPurpose.NONCE_FILL, to=chain.addresses["usdc"],
-                                         data=chain.usdc.encode_abi("transfer", args=[recipient.address, 2 * USDC]))
-    with pytest.raises(gateway.UntrustedAnswer):
-        relayer.transaction_submit(transaction_id=tx.pk)
-    tx.refresh_from_db()
-    assert (tx.status, tx.nonce, tx.attempts.count()) == (TxStatus.QUEUED, None, 0)
-    rpc_relay.rewrite_none()
-    relayer.transaction_submit(transaction_id=tx.pk)
-    confirm_all(django_capture_on_commit_callbacks)
-    tx.refresh_from_db()
-    assert tx.status == TxStatus.CONFIRMED
+    _refused_untrusted_then_sent(chain, rpc_relay, django_capture_on_commit_callbacks, recipient.address)
 
 
 def test_a_relayer_wallet_out_of_gas_keeps_its_bytes_shows_why_and_sends_them_once_topped_up(
