@@ -473,6 +473,7 @@ CHAIN_MAX_FEE_PER_GAS = env.int("CHAIN_MAX_FEE_PER_GAS_WEI", default=500 * 10**9
 # The most of the node's suggested priority fee believed: a tip is paid whole to the block's producer, whatever the base
 # fee, so a node suggesting hundreds of gwei (compromised, or a provider's bug) had every transaction pay up to
 # CHAIN_MAX_FEE_PER_GAS per gas. A transaction stuck below it is still bid up 13% a round within CHAIN_MAX_FEE_PER_GAS.
+# Base's tips are about 0.001 gwei; raise it on a chain whose nodes refuse less (Polygon: 30 gwei).
 CHAIN_MAX_PRIORITY_FEE_PER_GAS = env.int("CHAIN_MAX_PRIORITY_FEE_PER_GAS_WEI", default=2 * 10**9)
 # The largest gas estimate believed: a node answering more (beyond any block) had the transaction signed under the next
 # nonce with a limit no node takes, and every later transaction of the wallet waited behind it.
