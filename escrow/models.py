@@ -248,7 +248,9 @@ class MasumiPaymentRequest(models.Model):
     class Meta:
         ordering = ["-created_at"]
         # A seller's newest requests (`GET /payment`) and those a new one counts against (its bound of unpaid ones).
-        indexes = [models.Index(fields=["service", "-created_at"], name="masumi_payreq_service_created")]
+        # ... and those past their payByTime, which the purge deletes unpaid (`purchases.expired_payment_requests_purge`).
+        indexes = [models.Index(fields=["service", "-created_at"], name="masumi_payreq_service_created"),
+                   models.Index(fields=["pay_by_time"], name="masumi_payreq_pay_by_time")]
         constraints = [
             models.CheckConstraint(
                 condition=Q(pay_by_time__lt=models.F("submit_result_time"))

@@ -492,8 +492,9 @@ UNPAID_PAYMENT_REQUESTS_WINDOW = timedelta(days=1)
 def _check_unpaid_payment_requests(seller: Agent) -> None:
     """409 `payment_requests_limit_reached` once the seller has MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER unpaid
     payment requests still payable or requested within UNPAID_PAYMENT_REQUESTS_WINDOW: a request costs its seller
-    nothing and is kept for ever, so requesting in a loop (bounded only by the rate limit) grew the table without
-    bound. Call inside the transaction that writes the request: the seller's row is locked, so two requests at once
+    nothing, so requesting in a loop (bounded only by the rate limit) grew the table without
+    bound (unpaid ones are deleted MASUMI_PAYMENT_REQUEST_KEEP_DAYS after their payByTime,
+    `expired_payment_requests_purge`). Call inside the transaction that writes the request: the seller's row is locked, so two requests at once
     cannot both slip under the bound."""
     Agent.objects.select_for_update().filter(pk=seller.pk).values_list("pk").get()
     now = timezone.now()
@@ -510,6 +511,31 @@ def _check_unpaid_payment_requests(seller: Agent) -> None:
                        "buyers to pay them, or for them to age out.", code="payment_requests_limit_reached",
                        details={"max_unpaid_payment_requests": limit,
                                 "window_seconds": int(UNPAID_PAYMENT_REQUESTS_WINDOW.total_seconds())})
+
+
+# Rows deleted per statement, and statements per run of the purge: the hourly beat comes back for the rest.
+PAYMENT_REQUESTS_PURGE_BATCH = 1000
+PAYMENT_REQUESTS_PURGE_BATCHES_PER_RUN = 20
+
+
+def expired_payment_requests_purge(*, now: datetime | None = None) -> int:
+    """Delete the payment requests no buyer paid, MASUMI_PAYMENT_REQUEST_KEEP_DAYS after their payByTime: none of
+    them can be paid any more (`purchase_prepare_for_payment` refuses one whose payByTime the deadline clock passed),
+    and their seller's bound counts only those still payable or made within a day, so a seller requesting its bound
+    each day grew the table without end. A paid one is the purchase's record (money history), kept. A bounded number
+    of rows a run, by the index on payByTime; each batch under its rows' locks, skipping one a purchase holds (and
+    still unpaid when deleted). Safe twice. How many were deleted."""
+    cutoff = (now or timezone.now()) - timedelta(days=settings.MASUMI_PAYMENT_REQUEST_KEEP_DAYS)
+    expired = MasumiPaymentRequest.objects.filter(pay_by_time__lt=cutoff, purchase__isnull=True)
+    deleted = 0
+    for _ in range(PAYMENT_REQUESTS_PURGE_BATCHES_PER_RUN):
+        with transaction.atomic():
+            ids = list(MasumiPaymentRequest.objects.filter(pk__in=expired.order_by("pay_by_time").values("pk")[
+                :PAYMENT_REQUESTS_PURGE_BATCH]).select_for_update(skip_locked=True).values_list("pk", flat=True))
+            if not ids:
+                break
+            deleted += expired.filter(pk__in=ids).delete()[0]
+    return deleted
 
 
 def payment_submit_result(*, seller: Agent, purchase: MasumiPurchase, result_hash: str) -> MasumiPurchase:

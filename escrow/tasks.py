@@ -42,6 +42,11 @@ def masumi_purchases_tick() -> dict:
     return purchases.purchases_tick()
 
 
+@shared_task
+def purge_expired_payment_requests() -> int:
+    return purchases.expired_payment_requests_purge()
+
+
 # On the outbound queue. Killed at its time limit, its steps are claimed or repeatable: the next tick goes on.
 @shared_task(autoretry_for=(chain.RpcUnavailable,), retry_backoff=5, max_retries=3, time_limit=600)
 def masumi_jobs_tick() -> dict:

@@ -399,8 +399,11 @@ MASUMI_INPUT_DATA_MAX_BYTES = env.int("MASUMI_INPUT_DATA_MAX_BYTES", default=64 
 # UPSTREAM_ANSWER_MAX_BYTES) reach this many characters, holding at least one purchase: escrow.selectors.purchases_page.
 MASUMI_PURCHASES_PAGE_RESULT_CHARACTERS = env.int("MASUMI_PURCHASES_PAGE_RESULT_CHARACTERS", default=4 * 1024 * 1024)
 # A seller's Masumi payment requests (`POST /payment`) that no buyer paid, still payable or made in the last day:
-# beyond, 409 `payment_requests_limit_reached` (a request costs nothing and is kept: escrow.purchases).
+# beyond, 409 `payment_requests_limit_reached` (a request costs nothing: escrow.purchases).
 MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER = env.int("MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER", default=1000)
+# An unpaid one is deleted this many days after its payByTime (when nobody can pay it any more) by the hourly
+# `purge-expired-payment-requests` beat task; a paid one is kept with its purchase.
+MASUMI_PAYMENT_REQUEST_KEEP_DAYS = env.int("MASUMI_PAYMENT_REQUEST_KEEP_DAYS", default=7)
 # A skill invocation's `input`, at most this many bytes of JSON (kept with the invocation, sent to the seller).
 SKILL_INPUT_MAX_BYTES = env.int("SKILL_INPUT_MAX_BYTES", default=64 * 1024)
 # Registered services a seller lists at once (each is in every buyer's search).
@@ -560,6 +563,8 @@ CELERY_BEAT_SCHEDULE.update({
     "masumi-purchases-tick": {"task": "escrow.tasks.masumi_purchases_tick",
                               "schedule": timedelta(seconds=MASUMI_PURCHASE_TICK_SECONDS)},
     "masumi-jobs-tick": {"task": "escrow.tasks.masumi_jobs_tick", "schedule": timedelta(seconds=MASUMI_PURCHASE_TICK_SECONDS)},
+    "purge-expired-payment-requests": {"task": "escrow.tasks.purge_expired_payment_requests",
+                                       "schedule": timedelta(hours=1)},
 })
 # The chain indexer (escrow.indexer): follows the escrow's events from its deployment block (recorded in the
 # deployment file by `deploy_contracts`; ESCROW_DEPLOYMENT_BLOCK overrides it) up to CHAIN_CONFIRMATIONS deep.

@@ -2,9 +2,10 @@
 seller's payment requests and the checks on a purchase that pays one, Cardano-only fields, trailing slashes,
 refund requests without a signature. (The published clients drive the whole flows in tests/compat.)"""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.utils import timezone
 
 from escrow.models import MasumiPurchase
 from sdk.typed_data import sign_typed_data
@@ -620,7 +621,7 @@ def test_an_identifier_from_purchaser_with_spaces_is_kept_as_the_buyer_hashed_it
 
 
 def test_a_seller_keeps_at_most_its_bound_of_unpaid_payment_requests(parties, escrow_chain, settings):
-    """A payment request costs its seller nothing and is kept for ever, paid or not: a seller (any of its pay keys)
+    """A payment request costs its seller nothing and was kept for ever, paid or not: a seller (any of its pay keys)
     requesting payments in a loop, bounded only by the API's rate limit (6,000 a minute), wrote ~1.3 kB a row
     without bound, and each `GET /payment` sorted all of them. At most MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER are
     unpaid and either still payable or requested in the last day; beyond, 409 `payment_requests_limit_reached`,
@@ -641,3 +642,43 @@ def test_a_seller_keeps_at_most_its_bound_of_unpaid_payment_requests(parties, es
     paid = parties.buyer_api.post("/purchase/", paying_body(parties, payments[0], identifierFromPurchaser="order-0"))
     assert paid.status_code == 200, paid.content
     assert parties.seller_api.post("/payment/", body).status_code == 200  # the paid one no longer counts
+
+
+def test_an_unpaid_payment_request_is_deleted_a_retention_after_its_pay_by_time_and_a_paid_one_is_kept(
+        parties, escrow_chain, settings, monkeypatch):
+    """An unpaid payment request was kept for ever: its bound counts only those still payable or made in the last
+    day, so a seller requesting its bound's worth each day grew the table (~1.3 kB a row) without end, though one
+    past its payByTime can never be paid. The `purge-expired-payment-requests` beat task deletes the unpaid ones
+    MASUMI_PAYMENT_REQUEST_KEEP_DAYS after their payByTime; a paid one (money history) and one within the retention
+    are kept. A run deletes a bounded number of rows; the next goes on. Safe twice."""
+    from escrow import purchases, tasks
+    from escrow.models import MasumiPaymentRequest
+
+    settings.MASUMI_PAYMENT_REQUEST_KEEP_DAYS = 7
+    entry = next(entry for entry in settings.CELERY_BEAT_SCHEDULE.values()
+                 if entry["task"] == "escrow.tasks.purge_expired_payment_requests")
+    assert entry["schedule"] <= timedelta(days=1)
+    pay_by = deadline_clock(escrow_chain) + 600
+    paid, expired, stale, recent = (payment_request(parties, pay_by, identifierFromPurchaser=f"order-{n}")
+                                    for n in range(4))
+    bought = parties.buyer_api.post("/purchase/", paying_body(parties, paid, identifierFromPurchaser="order-0"))
+    assert bought.status_code == 200, bought.content
+
+    def pay_by_days_ago(payment: dict, days: float) -> None:
+        MasumiPaymentRequest.objects.filter(pk=payment["id"]).update(
+            pay_by_time=timezone.now() - timedelta(days=days))
+
+    pay_by_days_ago(paid, 8)
+    pay_by_days_ago(expired, 8)
+    pay_by_days_ago(stale, 9)
+    pay_by_days_ago(recent, 6)
+    monkeypatch.setattr(purchases, "PAYMENT_REQUESTS_PURGE_BATCH", 1)
+    monkeypatch.setattr(purchases, "PAYMENT_REQUESTS_PURGE_BATCHES_PER_RUN", 1)
+    assert tasks.purge_expired_payment_requests() == 1
+    assert tasks.purge_expired_payment_requests() == 1
+    assert set(map(str, MasumiPaymentRequest.objects.values_list("pk", flat=True))) == {paid["id"], recent["id"]}
+    gone = parties.seller_api.post("/payment/resolve-blockchain-identifier/", {
+        "blockchainIdentifier": expired["blockchainIdentifier"], "network": "Preprod"})
+    assert (gone.status_code, error_code(gone)) == (404, "payment_not_found")
+    assert MasumiPurchase.objects.get(payment_request_id=paid["id"])
+    assert tasks.purge_expired_payment_requests() == 0  # safe twice
