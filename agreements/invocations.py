@@ -563,6 +563,10 @@ def _settle(invocation: SkillInvocation) -> None:
     _settlement_handler[0](invocation)
 
 
+# Overdue invocations timed out per run of the sweep; the next run takes up after the last (`sweeps.rows_in_turn`).
+INVOCATIONS_TIMED_OUT_PER_RUN = 500
+
+
 def invocations_sweep(*, now: datetime | None = None) -> dict:
     """The beat task: time out invocations past their deadline (refunded), and have a worker run paid ones whose
     caller went away before running them. One whose time-out raises is logged and skipped, the others done, and
@@ -570,7 +574,11 @@ def invocations_sweep(*, now: datetime | None = None) -> dict:
     now = now or timezone.now()
     overdue = SkillInvocation.objects.filter(status=Status.PROCESSING, deadline_at__lte=now)
     failures, timed_out = sweeps.RowFailures("invocations sweep"), []
-    for invocation_id in list(overdue.values_list("pk", flat=True)[:500]):
+    # In turn, not the first of the table's order: as many as a run takes whose time-out always raised were taken at
+    # every run, and no other overdue invocation was timed out and refunded.
+    for invocation in sweeps.rows_in_turn(overdue.only("pk", "deadline_at"), turn="invocations-sweep:overdue",
+                                          by="deadline_at", size=INVOCATIONS_TIMED_OUT_PER_RUN):
+        invocation_id = invocation.pk
         with failures.row(invocation_id):
             # A worker's own call ends at the skill's limit and counts a hang then; one still processing here mostly
             # died (a hang the sweep times out first, in the same instant, escapes the count).

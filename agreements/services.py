@@ -1850,7 +1850,7 @@ def agreements_expire_proposals(*, now: datetime | None = None) -> int:
     checked = _direct_proposals_paid(due.filter(settlement_model=SettlementModel.DIRECT_PAYMENT))
     applied = sweeps.due_rows_apply(
         due=due.filter(~Q(settlement_model=SettlementModel.DIRECT_PAYMENT) | Q(pk__in=list(checked))),
-        apply=lambda agreement: _proposal_expire(agreement, paid=checked.get(agreement.pk)))
+        apply=lambda agreement: _proposal_expire(agreement, paid=checked.get(agreement.pk)), turn="expire-proposals")
     _expired_direct_proposals_recheck([pk for pk, paid in checked.items() if paid is None])
     return applied
 
@@ -1865,7 +1865,8 @@ def agreements_expire_unfunded_past_term(*, now: datetime | None = None) -> int:
                                           expires_at__lte=now or timezone.now()),
         apply=lambda agreement: agreement_expire_unfunded(agreement_id=agreement.pk,
                                                           reason="its term ended before its escrow was funded",
-                                                          code="term_ended_unfunded"))
+                                                          code="term_ended_unfunded"),
+        turn="expire-unfunded-past-term")
 
 
 def _expired_direct_proposals_recheck(agreement_ids: list) -> None:

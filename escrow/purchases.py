@@ -860,6 +860,10 @@ def purchases_jobs_tick(*, now: int | None = None) -> dict[str, int]:
                             waiting.insert(0, (call.purchase.pk, call.seller_id))  # its first status check at once
 
 
+# Unfunded purchases expired per run of the purchases tick; the next run takes up after the last.
+UNFUNDED_PURCHASES_EXPIRED_PER_RUN = 500
+
+
 def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     """Everything else due on Masumi purchases, in one pass (the beat task): no seller is called. Each step is
     idempotent. A node of another chain than CHAIN_ID has nothing read from it (`chain.node_chain_check`: WrongChain):
@@ -875,7 +879,10 @@ def purchases_tick(*, now: int | None = None) -> dict[str, int]:
     # Never funded by payByTime: the signed intent can no longer be mined, so the purchase is over.
     unfunded = MasumiPurchase.objects.filter(agreement__status__in=AWAITING_FUNDING_STATUSES,
                                              pay_by_time__lte=now_dt)
-    for agreement_id in list(unfunded.values_list("agreement_id", flat=True)[:500]):
+    # In turn: the first of the table's order, purchases whose expiry always raised filled the batch at every run.
+    for agreement_id in [purchase.agreement_id for purchase in sweeps.rows_in_turn(
+            unfunded.only("pk", "agreement_id", "pay_by_time"), turn="masumi-purchases-tick:unfunded",
+            by="pay_by_time", size=UNFUNDED_PURCHASES_EXPIRED_PER_RUN)]:
         with failures.row(agreement_id):
             if agreement_services.agreement_expire_unfunded(agreement_id=agreement_id,
                                                             reason="payByTime passed before the funds were locked",

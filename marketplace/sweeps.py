@@ -54,14 +54,16 @@ class RowFailures:
             raise RowsFailed(sweep=self.sweep, failed=self.failed, applied=applied)
 
 
-def due_rows_apply(*, due: QuerySet, apply: Callable[[Model], None]) -> int:
+def due_rows_apply(*, due: QuerySet, apply: Callable[[Model], None], turn: str) -> int:
     """`apply(row)` to each row of `due`, each in its own transaction under the row's lock, once the row is shown
     still due there (a row another worker holds is skipped, so concurrent sweeps never wait on each other). Safe
     to run twice. Returns how many rows it applied to; a row whose `apply` raises is rolled back, logged and
-    skipped, the others applied, and RowsFailed raised at the end."""
+    skipped, the others applied, and RowsFailed raised at the end. At most SWEEP_BATCH rows a run, in turn
+    (`rows_in_turn`, by `turn`): the first of the table's order, rows that always raised filled the batch at every
+    run and no other row was ever done."""
     applied = 0
     failures = RowFailures(f"{due.model._meta.label} sweep")
-    for pk in list(due.values_list("pk", flat=True)[:SWEEP_BATCH]):
+    for pk in [row.pk for row in rows_in_turn(due.only("pk"), turn=turn, by="pk", size=SWEEP_BATCH)]:
         with failures.row(pk):
             row = due.filter(pk=pk).select_for_update(skip_locked=True).first()
             if row is not None:

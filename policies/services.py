@@ -155,4 +155,5 @@ def approvals_expire(*, now: datetime | None = None) -> int:
     """Expire pending requests past their deadline, each in its own transaction. Safe to run twice."""
     return sweeps.due_rows_apply(
         due=ApprovalRequest.objects.filter(status=ApprovalStatus.PENDING, expires_at__lte=now or timezone.now()),
-        apply=lambda approval: _decide(approval, status=ApprovalStatus.EXPIRED, actor=None, note="expired"))
+        apply=lambda approval: _decide(approval, status=ApprovalStatus.EXPIRED, actor=None, note="expired"),
+        turn="expire-approvals")

@@ -37,6 +37,7 @@ from tests.support.http_server import DribblesItsHead, FloodsEarlyHints, answeri
 from tests.escrow.flow import USDC, confirm_all, fund, network_of, usdc_balance
 from tests.support.at_once import answered_at_once
 from tests.support.rpc_relay import node_behind
+from tests.support.poison_rows import first_row_always_fails, sweep_runs
 from tests.support.server_clock import SERVER_CLOCK_DRIFT, server_clock_drifted
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -562,6 +563,27 @@ def test_an_overdue_invocation_whose_time_out_raises_is_skipped_and_logged_and_t
     assert {str(pk): status for pk, status in statuses.items()} == {
         poisoned: "processing", **{pk: "timeout" for pk in overdue if pk != poisoned}}
     assert poisoned in caplog.text
+
+
+def test_overdue_invocations_whose_time_out_raises_do_not_keep_the_others_from_their_turn(
+        market, django_capture_on_commit_callbacks, monkeypatch):
+    """A run times out a bounded number of overdue invocations: those whose time-out always raised stayed overdue,
+    and, as many as the bound, were the ones taken at every run (in no order), so no other was ever timed out and
+    refunded. Each run takes up after the last (by deadline, as the settlement tick does)."""
+    from agreements import tasks
+
+    overdue = []
+    for _ in range(2):
+        invocation_id = market.call("render", market.pay("render")).json()["invocation_id"].removeprefix("inv_")
+        SkillInvocation.objects.filter(pk=invocation_id).update(
+            status="processing", started_at=timezone.now(), deadline_at=timezone.now())
+        overdue.append(str(SkillInvocation.objects.get(pk=invocation_id).pk))
+    monkeypatch.setattr(invocations, "INVOCATIONS_TIMED_OUT_PER_RUN", 1)
+    monkeypatch.setattr(invocations, "_finish", first_row_always_fails(invocations._finish, row="invocation_id"))
+    with django_capture_on_commit_callbacks(execute=True):
+        sweep_runs(tasks.sweep_invocations, runs=2)
+    statuses = dict(SkillInvocation.objects.filter(pk__in=overdue).values_list("pk", "status"))
+    assert sorted(statuses.values()) == ["processing", "timeout"]
 
 
 def test_a_replayed_authorization_is_refused_and_charged_once(market, django_capture_on_commit_callbacks):

@@ -13,6 +13,7 @@ from marketplace.sweeps import RowsFailed
 from tests.agreements.helpers import propose, proposal
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, register_service
 from tests.conftest import Api, codes_at, error_code
+from tests.support.poison_rows import first_row_always_fails, sweep_runs
 
 pytestmark = pytest.mark.django_db
 
@@ -300,6 +301,22 @@ def test_unanswered_proposals_expire(buyer_api, seller_api, service):
     assert UsageAgreement.objects.get(pk=fresh["id"]).status == "proposed"
     late = seller_api.put(f"/usage-agreements/{stale['id']}/accept")
     assert late.status_code == 409
+
+
+def test_proposals_whose_expiry_raises_do_not_keep_the_others_from_their_turn(buyer_api, service, monkeypatch):
+    """A run of an expiry sweep takes a bounded batch (SWEEP_BATCH): due rows whose transition always raised stayed
+    due, and, as many as the batch, were the ones taken at every run, so no other proposal (nor approval request)
+    ever expired. Each run takes up after the last."""
+    from marketplace import sweeps
+
+    due = [propose(buyer_api, service)["id"] for _ in range(2)]
+    UsageAgreement.objects.filter(pk__in=due).update(proposal_expires_at=timezone.now() - timedelta(seconds=1))
+    monkeypatch.setattr(sweeps, "SWEEP_BATCH", 1)
+    monkeypatch.setattr(agreement_services, "_transition",
+                        first_row_always_fails(agreement_services._transition, row="agreement_id"))
+    sweep_runs(expire_proposals, runs=2)
+    assert sorted(UsageAgreement.objects.filter(pk__in=due).values_list("status", flat=True)) == [
+        "expired", "proposed"]
 
 
 def test_a_proposal_whose_expiry_raises_is_skipped_and_logged_and_the_others_still_expire(

@@ -29,6 +29,7 @@ from tests.escrow.flow import USDC, Parties, confirm_all, deadline_clock, pay_fe
 from tests.escrow.test_relayer_faults import rpc_relay  # noqa: F401
 from tests.support.http_server import RecordingServer
 from tests.support.masumi_service import MasumiService, result_for
+from tests.support.poison_rows import first_row_always_fails, sweep_runs
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
 
@@ -522,6 +523,27 @@ def test_an_unfunded_purchase_whose_expiry_raises_is_logged_and_skipped_and_the_
     statuses = dict(MasumiPurchase.objects.values_list("agreement_id", "agreement__status"))
     assert statuses.pop(poisoned) != "expired" and list(statuses.values()) == ["expired"]
     assert str(poisoned) in caplog.text
+
+
+def test_unfunded_purchases_whose_expiry_raises_do_not_keep_the_others_from_their_turn(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """The tick expires a bounded number of unfunded purchases a run: those whose expiry always raised stayed due,
+    and, as many as the bound, were the ones taken at every run, so no other purchase past its payByTime expired.
+    Each run takes up after the last."""
+    from agreements import services as agreement_services
+
+    chain = escrow_chain
+    parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
+    created = [parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
+                                                    "agentIdentifier": str(parties.service.pk)}).json()["data"]
+               for _ in range(2)]
+    chain.increase_time(max(c["ActivationPackage"]["deadline"] for c in created) - chain.now())
+    monkeypatch.setattr(purchases, "UNFUNDED_PURCHASES_EXPIRED_PER_RUN", 1)
+    monkeypatch.setattr(agreement_services, "agreement_expire_unfunded",
+                        first_row_always_fails(agreement_services.agreement_expire_unfunded, row="agreement_id"))
+    sweep_runs(lambda: run(django_capture_on_commit_callbacks, purchases.purchases_tick), runs=2)
+    assert sorted(status == "expired" for status in MasumiPurchase.objects.values_list(
+        "agreement__status", flat=True)) == [False, True]
 
 
 def test_purchase_never_funded_by_pay_by_time_expires(escrow_chain, seller_service,
