@@ -1272,8 +1272,11 @@ def _replays_settle(*, created_before: datetime, failures: sweeps.RowFailures) -
     # that fail to settle) filled the window at every run, and no other nonce was answered.
     call_unsettled = CallIntent.objects.filter(agreement_id=OuterRef("agreement_id"),
                                                request_nonce=OuterRef("request_nonce"))
-    for replay in ProxyReplay.objects.filter(status_code=None, created_at__lt=created_before).exclude(
-            Exists(call_unsettled))[:500]:
+    # In turn, not the first of the table's order: as many replays whose settling always raised filled it alike.
+    unanswered = ProxyReplay.objects.filter(status_code=None, created_at__lt=created_before).exclude(
+        Exists(call_unsettled)).only("pk", "agreement_id", "request_nonce")
+    for replay in sweeps.rows_in_turn(unanswered, turn="reap-call-intents:replays", by="pk",
+                                      size=REPLAYS_REAPED_PER_RUN):
         with failures.row(replay.pk):
             settled += replay_settle(agreement_id=replay.agreement_id, request_nonce=replay.request_nonce)
     return settled
@@ -1296,6 +1299,12 @@ def replay_settle(*, agreement_id, request_nonce: str) -> int:
         body=json.dumps(body).encode())
 
 
+# Agreements whose dead calls, and nonce replays of dead calls, the reaper settles per run; the next run takes up
+# after the last.
+AGREEMENTS_REAPED_PER_RUN = 500
+REPLAYS_REAPED_PER_RUN = 500
+
+
 def intents_reap(*, now: datetime | None = None) -> dict:
     """The beat task: settle what dead server processes left (intents, then their nonce replays). Idempotent. An
     agreement or a replay whose settling raises is logged and skipped, the others settled, and RowsFailed raised at
@@ -1303,10 +1312,12 @@ def intents_reap(*, now: datetime | None = None) -> dict:
     stale = selectors.calls_stale_before(now=now or timezone.now())
     charged = released = 0
     failures = sweeps.RowFailures("proxy call reaper")
-    # Up to 500 agreements, not the agreements of the first 500 intents: one agreement's dead calls that fail to
-    # settle (they stay, the oldest) filled that window at every run, and no other agreement's were settled.
-    agreement_ids = list(CallIntent.objects.filter(created_at__lt=stale).order_by().values_list(
-        "agreement_id", flat=True).distinct()[:500])
+    # Up to AGREEMENTS_REAPED_PER_RUN agreements, not the agreements of the first intents: one agreement's dead calls
+    # that fail to settle (they stay, the oldest) filled that window at every run, and no other agreement's were
+    # settled. In turn, not the first of the table's order: as many agreements failing to settle filled it alike.
+    dead = UsageAgreement.objects.filter(pk__in=CallIntent.objects.filter(created_at__lt=stale).values("agreement_id"))
+    agreement_ids = [agreement.pk for agreement in sweeps.rows_in_turn(
+        dead.only("pk"), turn="reap-call-intents:agreements", by="pk", size=AGREEMENTS_REAPED_PER_RUN)]
     for agreement_id in agreement_ids:
         with failures.row(agreement_id):
             done = _intents_settle(agreement_id=agreement_id, created_before=stale)

@@ -25,6 +25,7 @@ from tests.conftest import error_code, read_to_its_end
 from tests.escrow.flow import Parties
 from tests.agreements.test_proxy_slow_buyers import another_buyer
 from tests.marketplace.conftest import active_agreement
+from tests.support.poison_rows import first_row_always_fails, sweep_runs
 from tests.support.public_addresses import routed
 from tests.support.unanswered_names import UNANSWERED, unanswered_names
 
@@ -387,6 +388,43 @@ def test_an_agreement_whose_dead_calls_the_reaper_cannot_settle_leaves_the_other
         tasks.reap_call_intents()
     assert failed.value.failed == [poisoned.pk]
     assert books(active) == (0, 0) and not CallIntent.objects.filter(agreement=agreement).exists()
+
+
+def test_agreements_whose_dead_calls_the_reaper_cannot_settle_do_not_keep_the_others_from_their_turn(
+        active, escrow_chain, http_server, monkeypatch):
+    """The reaper settles a bounded number of agreements' dead calls a run: those whose settling always raised stayed
+    due and, as many as the bound, were the ones taken at every run (in no order), so no other agreement's dead call
+    was ever settled, its budget reserved for ever. Each run takes up after the last."""
+    from agreements import tasks
+
+    other = Parties(escrow_chain, upstream_base_url=http_server.url + "/base")
+    dead = [active.agreement_id, other.accepted_agreement(quantity=5)["id"]]
+    for agreement_id in dead:  # a call reserved, whose process died (the other's, as the reaper finds it)
+        UsageAgreement.objects.filter(pk=agreement_id).update(reserved=PRICE)
+        CallIntent.objects.create(agreement_id=agreement_id, amount=PRICE, call_seq=1, request_id="req-dead",
+                                  method="GET", path="/work", created_at=timezone.now() - timedelta(hours=1))
+    monkeypatch.setattr(metering, "AGREEMENTS_REAPED_PER_RUN", 1)
+    monkeypatch.setattr(metering, "_intents_settle", first_row_always_fails(metering._intents_settle,
+                                                                            row="agreement_id"))
+    sweep_runs(tasks.reap_call_intents, runs=2)
+    assert CallIntent.objects.filter(agreement_id__in=dead).count() == 1  # the poisoned agreement's alone
+
+
+def test_nonce_replays_the_reaper_cannot_settle_do_not_keep_the_others_from_their_turn(active, monkeypatch):
+    """Likewise the nonce replays of dead calls, a bounded number a run: as many whose settling always raised were
+    the ones taken at every run, and no other nonce was answered again (its retries 409 `request_in_progress`)."""
+    from agreements import tasks
+
+    agreement = UsageAgreement.objects.get(pk=active.agreement_id)
+    for nonce in ("dead-1", "dead-2"):
+        ProxyReplay.objects.create(agreement=agreement, request_nonce=nonce,
+                                   request_fingerprint=proxy.request_fingerprint("GET", "/work", b""))
+    ProxyReplay.objects.update(created_at=timezone.now() - timedelta(hours=1))
+    monkeypatch.setattr(metering, "REPLAYS_REAPED_PER_RUN", 1)
+    monkeypatch.setattr(metering, "replay_settle", first_row_always_fails(metering.replay_settle,
+                                                                          row="request_nonce"))
+    sweep_runs(tasks.reap_call_intents, runs=2)
+    assert ProxyReplay.objects.count() == 1  # the poisoned one alone
 
 
 def test_nonces_of_dead_calls_the_reaper_cannot_settle_leave_the_other_nonces_answered(
