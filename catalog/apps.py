@@ -8,9 +8,9 @@ class CatalogConfig(AppConfig):
 
     def ready(self):
         from catalog import services
-        from marketplace.account_checks import account_deactivation_check_register
+        from marketplace.account_checks import account_check_register
 
         checks.register(services.wallet_proof_domain_check)
         # The user admin (marketplace's) refuses a conflicted operator's deactivation of another owner's account, as
         # catalog's admin refuses that of their agents and credentials.
-        account_deactivation_check_register(services.operator_owns_a_seller_check)
+        account_check_register(services.operator_owns_a_seller_check)

@@ -3,21 +3,24 @@ below the apps that own agents): the layering forbids this app importing them, s
 `policies.services.approval_handler_register` lets agreements decide its approvals.
 
 A check is called as `check(owner_id=, operator=, does=)` and raises an `ApplicationError` to refuse (catalog's
-`operator_owns_a_seller_check`: an operator who owns a seller agent shuts no competitor's account out)."""
+`operator_owns_a_seller_check`: an operator who owns a seller agent neither shuts a competitor's account out nor
+takes its way in)."""
 
 from collections.abc import Callable
 
 AccountCheck = Callable[..., None]
-_deactivation_checks: list[AccountCheck] = []
+_checks: list[AccountCheck] = []
 
 
-def account_deactivation_check_register(check: AccountCheck) -> None:
-    """`check` runs before an operator deactivates an owner's account; registered once however often it is asked."""
-    if check not in _deactivation_checks:
-        _deactivation_checks.append(check)
+def account_check_register(check: AccountCheck) -> None:
+    """`check` runs before an operator deactivates an owner's account or sets its password; registered once however
+    often it is asked."""
+    if check not in _checks:
+        _checks.append(check)
 
 
-def account_deactivation_check(*, account, operator) -> None:
-    """Raises the first registered check's refusal of `operator` deactivating `account`."""
-    for check in _deactivation_checks:
-        check(owner_id=account.pk, operator=operator, does="deactivates this account")
+def account_check(*, account, operator, does: str) -> None:
+    """Raises the first registered check's refusal of `operator` doing `does` ("deactivates this account") to
+    `account`."""
+    for check in _checks:
+        check(owner_id=account.pk, operator=operator, does=does)

@@ -18,6 +18,7 @@ from axes.models import AccessAttempt, AccessFailureLog, AccessLog
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.models import LogEntry
+from django.contrib.admin.utils import unquote
 from django.contrib.postgres.search import SearchQuery
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
@@ -28,6 +29,7 @@ from django.core.paginator import Paginator
 from django.db import models, transaction
 from django.db.models import Count, Q
 from django.db.models.constants import LOOKUP_SEP
+from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
@@ -572,7 +574,7 @@ OPERATOR_POWERS = ("is_staff", "is_superuser", "groups", "user_permissions")
 
 class AccountDeactivationCheckedForm(forms.ModelForm):
     """A user admin form whose unticked `is_active` (an account deactivated) is refused as
-    `account_checks.account_deactivation_check` says, the account left as it was."""
+    `account_checks.account_check` says, the account left as it was."""
 
     operator = None  # the staff user saving the form (AccountAdmin.get_form)
 
@@ -580,7 +582,8 @@ class AccountDeactivationCheckedForm(forms.ModelForm):
         is_active = self.cleaned_data["is_active"]
         if "is_active" in self.changed_data and not is_active and self.instance.pk is not None:
             try:
-                account_checks.account_deactivation_check(account=self.instance, operator=self.operator)
+                account_checks.account_check(account=self.instance, operator=self.operator,
+                                             does="deactivates this account")
             except ApplicationError as refused:
                 raise ValidationError(f"{refused.message} ({refused.code})", code=refused.code) from None
         return is_active
@@ -591,8 +594,9 @@ class AccountAdmin(UserAdmin):
     operator's powers (superuser, staff, groups, permissions: themselves first) nor change another operator's account
     (a staff or superuser account: its password or e-mail among them). Only a superuser does. No account is deleted
     here: its admin history would go with it (Django's log entries are deleted with their user), and the policies it
-    set and approvals it decided would name no one; an account is deactivated: refused as the registered checks say
-    (`marketplace.account_checks`: an operator who owns a seller agent deactivates no other owner's account)."""
+    set and approvals it decided would name no one; an account is deactivated. Its deactivation and its password (set
+    or disabled) are refused as the registered checks say (`marketplace.account_checks`: an operator who owns a seller
+    agent neither deactivates another owner's account nor takes its way in)."""
 
     def get_form(self, request, obj=None, change=False, **kwargs):
         form = super().get_form(request, obj, change=change, **kwargs)
@@ -610,6 +614,18 @@ class AccountAdmin(UserAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def user_change_password(self, request, id, form_url=""):
+        """The password page, opened or posted, refused as the registered checks say: back to the account's page with
+        the refusal and its code, the password left as it was."""
+        account = self.get_object(request, unquote(id))
+        if account is not None and self.has_change_permission(request, account):
+            try:
+                account_checks.account_check(account=account, operator=request.user, does="sets this account's password")
+            except ApplicationError as refused:
+                messages.error(request, f"{refused.message} ({refused.code})")
+                return HttpResponseRedirect(reverse("admin:auth_user_change", args=[account.pk]))
+        return super().user_change_password(request, id, form_url)
 
     def construct_change_message(self, request, form, formsets, add=False):
         return activity_change_message(super().construct_change_message(request, form, formsets, add), form)

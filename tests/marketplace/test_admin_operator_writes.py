@@ -1192,3 +1192,29 @@ def test_an_operator_who_owns_a_seller_does_not_deactivate_another_owners_accoun
     Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
     assert staff.post(page, _owner_form(competitor, active=False)).status_code == 302
     assert not get_user_model().objects.get(pk=competitor.pk).is_active
+
+
+def test_an_operator_who_owns_a_seller_does_not_set_another_owners_password(settings, seller):
+    """The user admin's password page set a competitor's password (or disabled password logins) for an operator who
+    owns a seller agent, whom the account's deactivation refuses (`operator_owns_a_seller`): the owner's way in taken
+    rather than closed. Refused alike, the password left as it was; another operator (owning no seller) sets it."""
+    from django.urls import reverse
+
+    staff = staff_client(settings, "view_user", "change_user")
+    account = get_user_model().objects.get(username="staff")
+    AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    competitor = seller.owner
+    competitor.set_password("the-owners-own-1234")
+    competitor.save(update_fields=["password"])
+    page = reverse("admin:auth_user_password_change", args=[competitor.pk])
+    for form in ({"password1": "taken-over-1234", "password2": "taken-over-1234", "usable_password": "true"},
+                 {"usable_password": "false", "unset-password": "1"}):
+        refused = staff.post(page, form, follow=True)
+        assert "operator_owns_a_seller" in refused.content.decode()
+        assert get_user_model().objects.get(pk=competitor.pk).check_password("the-owners-own-1234")
+    assert not LogEntry.objects.filter(object_id=str(competitor.pk)).exists()
+
+    Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
+    assert staff.post(page, {"password1": "reset-by-ops-1234", "password2": "reset-by-ops-1234",
+                             "usable_password": "true"}).status_code == 302
+    assert get_user_model().objects.get(pk=competitor.pk).check_password("reset-by-ops-1234")
