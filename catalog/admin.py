@@ -110,10 +110,19 @@ class AgentForm(forms.ModelForm):
 
     def clean_display_name(self) -> str:
         """A display name staff change is held to the API's rule (`marketplace.shown_text`); one left as it was is
-        not, so an agent whose name came before the rule can still be deactivated (its name corrected later)."""
+        not, so an agent whose name came before the rule can still be deactivated (its name corrected later). What
+        buyers read beside a seller's services is not another owner's to change for an operator who owns a seller
+        (`services.operator_owns_a_seller_check`: a competitor renamed)."""
         name = self.cleaned_data["display_name"]
-        if "display_name" in self.changed_data and (characters := shown_text.unsafe_characters(name)):
+        if "display_name" not in self.changed_data:
+            return name
+        if characters := shown_text.unsafe_characters(name):
             raise forms.ValidationError(shown_text.message(characters), code=shown_text.CODE)
+        try:
+            services.operator_owns_a_seller_check(owner_id=self.instance.owner_id, operator=self.operator,
+                                                  does="renames this agent")
+        except ApplicationError as refused:
+            raise forms.ValidationError(f"{refused.message} ({refused.code})", code=refused.code) from None
         return name
 
 

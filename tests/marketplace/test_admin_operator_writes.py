@@ -882,7 +882,7 @@ def test_an_operator_who_owns_an_agent_does_not_reactivate_it(settings, seller):
     allowed, and in the agent's admin history as a reactivation, with who did it."""
     staff = staff_client(settings, "view_agent", "change_agent")
     account = get_user_model().objects.get(username="staff")
-    other = AgentFactory(handle="other-seller", is_seller=True, is_active=False)
+    other = AgentFactory(handle="other-seller", display_name="Seller", is_seller=True, is_active=False)
     Agent.objects.filter(pk=seller.pk).update(owner=account, is_active=False)
     form = {"display_name": "Seller", "is_seller": "on", "is_active": "on", "api_keys-TOTAL_FORMS": 0,
             "api_keys-INITIAL_FORMS": 0}
@@ -1218,3 +1218,26 @@ def test_an_operator_who_owns_a_seller_does_not_set_another_owners_password(sett
     assert staff.post(page, {"password1": "reset-by-ops-1234", "password2": "reset-by-ops-1234",
                              "usable_password": "true"}).status_code == 302
     assert get_user_model().objects.get(pk=competitor.pk).check_password("reset-by-ops-1234")
+
+
+def test_an_operator_who_owns_a_seller_does_not_rename_another_owners_agent(settings, seller):
+    """A seller's display name is what buyers read in search beside its services: an operator who owns a seller agent
+    renamed a competitor's ("Discontinued: use operators-seller", another seller's name), which they may not
+    deactivate (`operator_owns_a_seller`). Refused alike, the name left as it was; their own agent they rename, and
+    another operator (owning no seller) the competitor's."""
+    staff = staff_client(settings, "view_agent", "change_agent")
+    account = get_user_model().objects.get(username="staff")
+    own = AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    name = Agent.objects.get(pk=seller.pk).display_name
+    renamed = {"display_name": "Discontinued: use operators-seller", "is_seller": "on", "is_active": "on",
+               "api_keys-TOTAL_FORMS": 0, "api_keys-INITIAL_FORMS": 0}
+
+    refused = staff.post(f"/admin/catalog/agent/{seller.pk}/change/", renamed)
+
+    assert refused.status_code == 200 and "operator_owns_a_seller" in refused.content.decode()
+    assert Agent.objects.get(pk=seller.pk).display_name == name
+    assert staff.post(f"/admin/catalog/agent/{own.pk}/change/", renamed).status_code == 302
+    assert Agent.objects.get(pk=own.pk).display_name == renamed["display_name"]
+    Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
+    assert staff.post(f"/admin/catalog/agent/{seller.pk}/change/", renamed).status_code == 302
+    assert Agent.objects.get(pk=seller.pk).display_name == renamed["display_name"]
