@@ -308,8 +308,15 @@ class WebhookSubscriptionForm(forms.ModelForm):
         if self.instance.pk and url_credentials.has_credentials(self.instance.url):
             self.initial["url"] = url_credentials.without_credentials(self.instance.url)
 
+    operator = None  # the staff user saving the form (WebhookSubscriptionAdmin.get_form)
+
     def clean(self):
         cleaned = super().clean()
+        if self.changed_data:
+            try:
+                webhooks.subscription_operator_check(subscription=self.instance, operator=self.operator)
+            except ApplicationError as refused:
+                raise forms.ValidationError(f"{refused.message} ({refused.code})", code=refused.code) from None
         if self.errors or not {"url", "event_types"} & set(self.changed_data):
             return cleaned
         data = {"url": cleaned.get("url", ""), "event_types": cleaned.get("event_types") or []}
@@ -374,6 +381,10 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # deleted by unticking it, as the API deletes it: its secrets erased, its deliveries' log kept
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        return type(form.__name__, (form,), {"operator": request.user})  # whose change it checks
 
     def save_model(self, request, obj, form, change):
         # Which columns an operator's save writes is the webhooks service's rule (never the secrets; is_active and

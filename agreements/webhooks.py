@@ -32,6 +32,7 @@ from agreements.models import (
     WebhookDelivery,
     WebhookSubscription,
 )
+from catalog import services as catalog_services
 from catalog.models import Agent, ApiKey, OwnerToken
 from marketplace import outbound, outbound_slots, rotation, sweeps
 from marketplace.errors import Conflict, NotFound
@@ -146,6 +147,14 @@ _OPERATOR_FIELDS = ("url", "event_types")
 # Changed by the API too: written only when the operator changed them, else a save of the row read as the operator's
 # post began undid what the API committed since (a deletion: the row live again; a pause or resume).
 _OPERATOR_TOGGLES = ("is_active", "paused_at")
+
+
+def subscription_operator_check(*, subscription: WebhookSubscription, operator) -> None:
+    """403 `operator_owns_a_seller` when an operator who owns a seller agent would change another owner's
+    subscription (`catalog_services.operator_owns_a_seller_check`): pointed at their own server, a competitor's
+    sales and buyers reached them as they happened; deleted or paused, the competitor heard of none."""
+    catalog_services.operator_owns_a_seller_check(owner_id=subscription.agent.owner_id, operator=operator,
+                                                  does="changes this webhook subscription")
 
 
 def subscription_update_by_operator(*, subscription: WebhookSubscription, changed: Collection[str]) -> None:

@@ -1241,3 +1241,28 @@ def test_an_operator_who_owns_a_seller_does_not_rename_another_owners_agent(sett
     Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
     assert staff.post(f"/admin/catalog/agent/{seller.pk}/change/", renamed).status_code == 302
     assert Agent.objects.get(pk=seller.pk).display_name == renamed["display_name"]
+
+
+def test_an_operator_who_owns_a_seller_does_not_redirect_or_delete_another_owners_webhook(settings, seller,
+                                                                                           seller_api):
+    """A competitor's webhook pointed at the operator's own server (its sales, buyers and amounts, as they happen, and
+    no notice left to the competitor) or deleted, by an operator who owns a seller agent, whom its deactivation
+    refuses (`operator_owns_a_seller`). Refused alike, the subscription left as it was; another operator (owning no
+    seller) changes it."""
+    webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
+    staff = staff_client(settings, "view_webhooksubscription", "change_webhooksubscription")
+    account = get_user_model().objects.get(username="staff")
+    AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+    redirected = {**SUBSCRIPTION_FORM, "url": "https://operators-seller.example.com/their-sales"}
+    deleted = {key: value for key, value in SUBSCRIPTION_FORM.items() if key != "is_active"} | {"url": webhook["url"]}
+
+    for form in (redirected, deleted):
+        refused = staff.post(page, form)
+        assert refused.status_code == 200 and "operator_owns_a_seller" in refused.content.decode()
+        row = WebhookSubscription.objects.get(pk=webhook["id"])
+        assert (row.url, row.is_active) == ("https://hooks.example.com/x", True)
+
+    Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
+    assert staff.post(page, redirected).status_code == 302
+    assert WebhookSubscription.objects.get(pk=webhook["id"]).url == redirected["url"]
