@@ -34,6 +34,7 @@ from marketplace.admin import (
     supported_tokens,
     LatestRowsInline,
     acknowledgement_page,
+    across_pages_refused,
     api_rules_check,
     MoneyRecordAdmin,
     MoneyRecordInline,
@@ -398,6 +399,8 @@ def _may_redeliver(modeladmin, request) -> bool:
 
 @admin.action(description="Send selected deliveries again", permissions=["redeliver"])
 def redeliver(modeladmin, request, queryset):
+    if across_pages_refused(request, "send again"):  # the events the operator sees, not the whole log to everyone
+        return
     count = 0
     for delivery in queryset:
         try:

@@ -1266,3 +1266,22 @@ def test_an_operator_who_owns_a_seller_does_not_redirect_or_delete_another_owner
     Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
     assert staff.post(page, redirected).status_code == 302
     assert WebhookSubscription.objects.get(pk=webhook["id"]).url == redirected["url"]
+
+
+def test_redelivering_all_across_pages_sends_none_the_operator_has_not_seen(operator, seller,
+                                                                            django_capture_on_commit_callbacks):
+    """"Select all N" posts the list's filter, not its rows: every event in the log was sent again to every agent (one
+    request working through all of them, agents acting on each event a second time), those delivered after the
+    operator looked among them. Sending again acts on ticked rows only, as approving and retrying do."""
+    subscription = WebhookSubscription.objects.create(agent=seller, url="https://hooks.example.com/x", secret="s")
+    seen, _since = [WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.proposed",
+                                                   payload={}, status=DeliveryStatus.DELIVERED,
+                                                   next_attempt_at=timezone.now()) for _ in range(2)]
+
+    with django_capture_on_commit_callbacks(execute=False):
+        page = operator.post("/admin/agreements/webhookdelivery/", {
+            "action": "redeliver", "select_across": "1", "index": "0", ACTION_CHECKBOX_NAME: [str(seen.pk)]},
+            follow=True)
+
+    assert not WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING).exists()
+    assert "Tick the rows" in page.content.decode()
