@@ -244,7 +244,9 @@ def _issuer_live_require(issued_with: OwnerToken | None) -> None:
 def api_key_issue(*, agent: Agent, scope: str = KeyScope.PAY, name: str = "", expires_at: datetime | None = None,
                   issued_with: OwnerToken | None = None) -> IssuedCredential:
     """A key of `agent`'s; `issued_with` the owner token the request was made with (None: an operator's command, an
-    admin session): revoking that token revokes the key."""
+    admin session): revoking that token revokes the key. Its name is listed to operators: held to the rule of text
+    shown to others (400 `unsafe_characters`)."""
+    _check_shown_text(name, field="name")
     if expires_at is not None and expires_at <= timezone.now():
         raise InvalidInput("expires_at must be in the future.", code="expiry_in_past")
     issued = issue_secret("mk")
@@ -269,7 +271,8 @@ def owner_token_issue(*, owner: AbstractBaseUser, scope: str, name: str = "", ex
     """A token of `owner`'s; `issued_with` the token the request was made with (None: an operator's command, an
     admin session). A token does not outlive the one that issued it: one given for a day would otherwise mint one
     for ever. Without `expires_at` it ends with its issuer; a later one is 400 `expiry_beyond_issuer`. Nor does it
-    survive its issuer's revocation (`credential_revoke`)."""
+    survive its issuer's revocation (`credential_revoke`). Its name as a key's (400 `unsafe_characters`)."""
+    _check_shown_text(name, field="name")
     if expires_at is not None and expires_at <= timezone.now():
         raise InvalidInput("expires_at must be in the future.", code="expiry_in_past")
     latest = issued_with.expires_at if issued_with is not None else None

@@ -421,6 +421,17 @@ def test_text_shown_to_others_is_refused_with_control_or_invisible_format_charac
     assert Service.objects.count() == 1 and Service.objects.get(pk=service_id).name == "Fast translator"
 
 
+def test_a_credentials_name_shown_to_operators_is_refused_with_control_or_invisible_format_characters(seller):
+    """A key's or token's name (the owner's words, listed to operators deciding which to revoke) took bidi controls,
+    invisible characters and terminal escapes, which the names of listings and agents are refused."""
+    owner_api = Api(issue_owner_token(seller.owner))
+    for text in UNSAFE_TEXT.values():
+        for response in (owner_api.post(f"/agents/{seller.pk}/api-keys", {"name": text}),
+                         owner_api.post("/owner-tokens", {"name": text, "scope": "read"})):
+            assert response.status_code == 400 and error_code(response) == "unsafe_characters", response.content
+    assert not seller.api_keys.exists() and seller.owner.owner_tokens.count() == 1
+
+
 def test_a_description_keeps_its_lines_and_every_script_keeps_its_joiners(seller_api):
     """What a legitimate text needs stays: line breaks and tabs in a description, the zero-width joiner of an emoji
     sequence and of Indic conjuncts, the zero-width non-joiner of Persian, right-to-left scripts as written, and the
