@@ -3,8 +3,8 @@ below the apps that own agents): the layering forbids this app importing them, s
 `policies.services.approval_handler_register` lets agreements decide its approvals.
 
 A check is called as `check(owner_id=, operator=, does=)` and raises an `ApplicationError` to refuse (catalog's
-`operator_owns_a_seller_check`: an operator who owns a seller agent neither shuts a competitor's account out nor
-takes its way in)."""
+`operator_owns_a_seller_check`: an operator who owns a seller agent neither shuts a competitor's account out, nor
+takes its way in, nor renames it)."""
 
 from collections.abc import Callable
 
@@ -13,8 +13,8 @@ _checks: list[AccountCheck] = []
 
 
 def account_check_register(check: AccountCheck) -> None:
-    """`check` runs before an operator deactivates an owner's account or sets its password; registered once however
-    often it is asked."""
+    """`check` runs before an operator changes an owner's account (deactivates it, renames it, sets its password);
+    registered once however often it is asked."""
     if check not in _checks:
         _checks.append(check)
 

@@ -572,21 +572,22 @@ class RedeliveredTaskAdmin(MoneyRecordAdmin):
 OPERATOR_POWERS = ("is_staff", "is_superuser", "groups", "user_permissions")
 
 
-class AccountDeactivationCheckedForm(forms.ModelForm):
-    """A user admin form whose unticked `is_active` (an account deactivated) is refused as
+class AccountCheckedForm(forms.ModelForm):
+    """A user admin form whose change of an account (its deactivation, its name or e-mail) is refused as
     `account_checks.account_check` says, the account left as it was."""
 
     operator = None  # the staff user saving the form (AccountAdmin.get_form)
 
-    def clean_is_active(self) -> bool:
-        is_active = self.cleaned_data["is_active"]
-        if "is_active" in self.changed_data and not is_active and self.instance.pk is not None:
+    def clean(self):
+        cleaned = super().clean()
+        if self.changed_data and self.instance.pk is not None:
+            deactivates = "is_active" in self.changed_data and not cleaned.get("is_active", True)
             try:
                 account_checks.account_check(account=self.instance, operator=self.operator,
-                                             does="deactivates this account")
+                                             does="deactivates this account" if deactivates else "changes this account")
             except ApplicationError as refused:
                 raise ValidationError(f"{refused.message} ({refused.code})", code=refused.code) from None
-        return is_active
+        return cleaned
 
 
 class AccountAdmin(UserAdmin):
@@ -594,13 +595,13 @@ class AccountAdmin(UserAdmin):
     operator's powers (superuser, staff, groups, permissions: themselves first) nor change another operator's account
     (a staff or superuser account: its password or e-mail among them). Only a superuser does. No account is deleted
     here: its admin history would go with it (Django's log entries are deleted with their user), and the policies it
-    set and approvals it decided would name no one; an account is deactivated. Its deactivation and its password (set
-    or disabled) are refused as the registered checks say (`marketplace.account_checks`: an operator who owns a seller
-    agent neither deactivates another owner's account nor takes its way in)."""
+    set and approvals it decided would name no one; an account is deactivated. A change of an account (its
+    deactivation, its name) and of its password (set or disabled) are refused as the registered checks say
+    (`marketplace.account_checks`: an operator who owns a seller agent changes no other owner's account)."""
 
     def get_form(self, request, obj=None, change=False, **kwargs):
         form = super().get_form(request, obj, change=change, **kwargs)
-        return type(form.__name__, (AccountDeactivationCheckedForm, form), {"operator": request.user})
+        return type(form.__name__, (AccountCheckedForm, form), {"operator": request.user})
 
     def get_readonly_fields(self, request, obj=None):
         readonly = super().get_readonly_fields(request, obj)

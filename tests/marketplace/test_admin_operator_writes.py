@@ -1285,3 +1285,29 @@ def test_redelivering_all_across_pages_sends_none_the_operator_has_not_seen(oper
 
     assert not WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING).exists()
     assert "Tick the rows" in page.content.decode()
+
+
+def test_an_operator_who_owns_a_seller_does_not_rename_another_owners_account(settings, seller):
+    """The account's name is what operators issue its owner's tokens by (`owner_token_issue <username>`) and find it
+    by: an operator who owns a seller agent renamed a competitor's account (and could name another one as it) or
+    changed its e-mail, where its deactivation and password are refused them (`operator_owns_a_seller`). Refused
+    alike, the account left as it was; another operator (owning no seller) changes it."""
+    from django.urls import reverse
+
+    from tests.catalog.test_admin import _owner_form
+
+    staff = staff_client(settings, "view_user", "change_user")
+    account = get_user_model().objects.get(username="staff")
+    AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    competitor = seller.owner
+    page = reverse("admin:auth_user_change", args=[competitor.pk])
+    renamed = {**_owner_form(competitor, active=True), "username": "competitor-old", "email": "ops@example.com"}
+
+    refused = staff.post(page, renamed)
+
+    assert refused.status_code == 200 and "operator_owns_a_seller" in refused.content.decode()
+    unchanged = get_user_model().objects.get(pk=competitor.pk)
+    assert (unchanged.username, unchanged.email) == (competitor.username, competitor.email)
+    Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
+    assert staff.post(page, renamed).status_code == 302
+    assert get_user_model().objects.get(pk=competitor.pk).username == "competitor-old"
