@@ -357,8 +357,21 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
         may change the subscription read the address on its form."""
         return url_credentials.path_masked(obj.url)
 
+    def _url_shown(self, request, obj) -> bool:
+        """Whether the whole address is on the page (a Slack-style path is a credential): for staff who may change
+        the subscription, the operator who owns a seller agent not among them for another owner's
+        (`webhooks.subscription_operator_check`)."""
+        if not self.has_change_permission(request, obj):
+            return False
+        try:
+            if obj is not None:
+                webhooks.subscription_operator_check(subscription=obj, operator=request.user)
+        except ApplicationError:
+            return False
+        return True
+
     def get_exclude(self, request, obj=None):
-        return (*self.exclude, *(() if self.has_change_permission(request, obj) else ("url",)))
+        return (*self.exclude, *(() if self._url_shown(request, obj) else ("url",)))
 
     def has_add_permission(self, request):
         return False  # An agent subscribes through the API, which shows the new secret once; here it had none.
@@ -377,7 +390,7 @@ class WebhookSubscriptionAdmin(SecretsUnfiltered, admin.ModelAdmin):
         # this one's secret. A deleted subscription's secrets are erased: it could only sign with an empty key, so it
         # stays deleted (its agent subscribes anew).
         deleted = obj is not None and not obj.is_active
-        masked = () if self.has_change_permission(request, obj) else ("url_shown",)
+        masked = () if self._url_shown(request, obj) else ("url_shown",)
         return (*self.readonly_fields, "agent", *masked, *(("is_active",) if deleted else ()))
 
     def has_delete_permission(self, request, obj=None):

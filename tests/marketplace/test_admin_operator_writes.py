@@ -1254,14 +1254,17 @@ def test_an_operator_who_owns_a_seller_does_not_redirect_or_delete_another_owner
     account = get_user_model().objects.get(username="staff")
     AgentFactory(owner=account, handle="operators-seller", is_seller=True)
     page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
+    # Nor read: the path of a Slack-style address is its credential, shown only to whoever may change it.
+    assert "hooks.example.com/x" not in staff.get(page).content.decode()
     redirected = {**SUBSCRIPTION_FORM, "url": "https://operators-seller.example.com/their-sales"}
+    narrowed = {**redirected, "event_types": '["agreement.settled"]'}
     deleted = {key: value for key, value in SUBSCRIPTION_FORM.items() if key != "is_active"} | {"url": webhook["url"]}
 
-    for form in (redirected, deleted):
+    for form in (narrowed, deleted):
         refused = staff.post(page, form)
         assert refused.status_code == 200 and "operator_owns_a_seller" in refused.content.decode()
         row = WebhookSubscription.objects.get(pk=webhook["id"])
-        assert (row.url, row.is_active) == ("https://hooks.example.com/x", True)
+        assert (row.url, row.event_types, row.is_active) == ("https://hooks.example.com/x", [], True)
 
     Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
     assert staff.post(page, redirected).status_code == 302
