@@ -301,15 +301,16 @@ class DeliveryInline(LatestRowsInline, MoneyRecordInline):
 class WebhookSubscriptionForm(forms.ModelForm):
     """The address and event types, once changed, as the API takes them: a list of known event types (any other value
     failed every agreement event of the agent), an address the SSRF guard allows. Unchanged, they are not checked
-    again: a subscription whose name resolves to an internal address since is still deleted by unticking it."""
+    again: a subscription whose name resolves to an internal address since is still deleted by unticking it. No
+    change at all by an operator who owns a seller agent to another owner's (`webhooks.subscription_operator_check`)."""
+
+    operator = None  # the staff user saving the form (WebhookSubscriptionAdmin.get_form)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # A URL saved with credentials before they were refused is shown, and saved again, as it is called: without.
         if self.instance.pk and url_credentials.has_credentials(self.instance.url):
             self.initial["url"] = url_credentials.without_credentials(self.instance.url)
-
-    operator = None  # the staff user saving the form (WebhookSubscriptionAdmin.get_form)
 
     def clean(self):
         cleaned = super().clean()

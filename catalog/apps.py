@@ -11,6 +11,6 @@ class CatalogConfig(AppConfig):
         from marketplace.account_checks import account_check_register
 
         checks.register(services.wallet_proof_domain_check)
-        # The user admin (marketplace's) refuses a conflicted operator's deactivation of another owner's account, as
-        # catalog's admin refuses that of their agents and credentials.
+        # The user admin (marketplace's) refuses a conflicted operator's change of another owner's account (its
+        # deactivation, its name, its password), as catalog's admin refuses that of their agents and credentials.
         account_check_register(services.operator_owns_a_seller_check)

@@ -408,8 +408,9 @@ def _messages(errors) -> list[str]:
 def across_pages_refused(request, what: str) -> bool:
     """Whether an action that moves money, decides for an owner or sends agents what they act on (`what`: "approve",
     "reject", "retry", "deregister", "send again") was run on "Select all N" across pages, which it then refuses,
-    saying so: that posts the list's filter, not its rows, so a row that entered the filter after the operator looked (a new request, a payout failed
-    since), or sat on a page they never opened, was acted on unseen. Such an action is run on the rows ticked."""
+    saying so: that posts the list's filter, not its rows, so a row that entered the filter after the operator looked
+    (a new request, a payout failed since), or sat on a page they never opened, was acted on unseen. Such an action is
+    run on the rows ticked."""
     if request.POST.get("select_across") != "1":
         return False
     messages.error(request, f"Tick the rows to {what}: \"select all\" across pages would {what} rows you have not "
