@@ -262,6 +262,19 @@ def staff_client(settings, *codenames: str):
     return operator_client("staff", "staff-password")
 
 
+def seller_owning_staff_client(settings, *codenames: str):
+    """`staff_client` of an operator who owns a seller agent ("operators-seller"), and their account: refused
+    `operator_owns_a_seller` on other owners' agents, credentials, accounts and subscriptions."""
+    client = staff_client(settings, *codenames)
+    account = get_user_model().objects.get(username="staff")
+    AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    return client, account
+
+
+def no_longer_owning_a_seller(account) -> None:
+    Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
+
+
 def test_staff_who_may_change_credentials_cannot_widen_a_keys_scope_nor_extend_its_expiry(settings, seller, owner):
     """A key's powers changed silently on its admin page: a read key made admin, an expiring key or owner token
     made everlasting. In the admin a credential is revoked (the action), never edited: a new one is issued through
@@ -318,13 +331,20 @@ def test_staff_who_may_delete_policies_and_approvals_cannot_make_their_records_v
         assert "/delete/" not in page
 
 
+def ended_deliveries(agent, status: str, count: int = 1, *, subscribed: bool = True, last_error: str = ""):
+    """`count` deliveries of one event type to a subscription of `agent`'s, ended with `status`: rows for the
+    "send again" action."""
+    subscription = WebhookSubscription.objects.create(agent=agent, url="https://hooks.example.com/x", secret="s",
+                                                      is_active=subscribed)
+    return [WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.proposed", payload={},
+                                           status=status, last_error=last_error, next_attempt_at=timezone.now())
+            for _ in range(count)]
+
+
 def test_a_webhook_redelivery_names_the_operator_who_asked_for_it(operator, seller,
                                                                    django_capture_on_commit_callbacks):
     """Sending an event again from the admin recorded no one; the retry of a transaction and a revocation do."""
-    subscription = WebhookSubscription.objects.create(agent=seller, url="https://hooks.example.com/x", secret="s")
-    delivery = WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.proposed",
-                                              payload={}, status=DeliveryStatus.FAILED, last_error="HTTP 500",
-                                              next_attempt_at=timezone.now())
+    [delivery] = ended_deliveries(seller, DeliveryStatus.FAILED, last_error="HTTP 500")
 
     with django_capture_on_commit_callbacks(execute=False):
         operator.post("/admin/agreements/webhookdelivery/",
@@ -338,11 +358,8 @@ def test_a_webhook_redelivery_names_the_operator_who_asked_for_it(operator, sell
 def test_a_deleted_subscriptions_delivery_is_not_redelivered_from_the_admin(operator, seller,
                                                                             django_capture_on_commit_callbacks):
     """The action made it pending again, and nothing of a deleted subscription is sent: pending for ever."""
-    subscription = WebhookSubscription.objects.create(agent=seller, url="https://hooks.example.com/x", secret="s",
-                                                      is_active=False)
-    delivery = WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.proposed",
-                                              payload={}, status=DeliveryStatus.FAILED,
-                                              last_error="the subscription was deleted", next_attempt_at=timezone.now())
+    [delivery] = ended_deliveries(seller, DeliveryStatus.FAILED, subscribed=False,
+                                  last_error="the subscription was deleted")
 
     with django_capture_on_commit_callbacks(execute=False):
         page = operator.post("/admin/agreements/webhookdelivery/",
@@ -1200,9 +1217,7 @@ def test_an_operator_who_owns_a_seller_does_not_set_another_owners_password(sett
     rather than closed. Refused alike, the password left as it was; another operator (owning no seller) sets it."""
     from django.urls import reverse
 
-    staff = staff_client(settings, "view_user", "change_user")
-    account = get_user_model().objects.get(username="staff")
-    AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    staff, account = seller_owning_staff_client(settings, "view_user", "change_user")
     competitor = seller.owner
     competitor.set_password("the-owners-own-1234")
     competitor.save(update_fields=["password"])
@@ -1214,7 +1229,7 @@ def test_an_operator_who_owns_a_seller_does_not_set_another_owners_password(sett
         assert get_user_model().objects.get(pk=competitor.pk).check_password("the-owners-own-1234")
     assert not LogEntry.objects.filter(object_id=str(competitor.pk)).exists()
 
-    Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
+    no_longer_owning_a_seller(account)
     assert staff.post(page, {"password1": "reset-by-ops-1234", "password2": "reset-by-ops-1234",
                              "usable_password": "true"}).status_code == 302
     assert get_user_model().objects.get(pk=competitor.pk).check_password("reset-by-ops-1234")
@@ -1225,9 +1240,8 @@ def test_an_operator_who_owns_a_seller_does_not_rename_another_owners_agent(sett
     renamed a competitor's ("Discontinued: use operators-seller", another seller's name), which they may not
     deactivate (`operator_owns_a_seller`). Refused alike, the name left as it was; their own agent they rename, and
     another operator (owning no seller) the competitor's."""
-    staff = staff_client(settings, "view_agent", "change_agent")
-    account = get_user_model().objects.get(username="staff")
-    own = AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    staff, account = seller_owning_staff_client(settings, "view_agent", "change_agent")
+    own = Agent.objects.get(owner=account)
     name = Agent.objects.get(pk=seller.pk).display_name
     renamed = {"display_name": "Discontinued: use operators-seller", "is_seller": "on", "is_active": "on",
                "api_keys-TOTAL_FORMS": 0, "api_keys-INITIAL_FORMS": 0}
@@ -1238,7 +1252,7 @@ def test_an_operator_who_owns_a_seller_does_not_rename_another_owners_agent(sett
     assert Agent.objects.get(pk=seller.pk).display_name == name
     assert staff.post(f"/admin/catalog/agent/{own.pk}/change/", renamed).status_code == 302
     assert Agent.objects.get(pk=own.pk).display_name == renamed["display_name"]
-    Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
+    no_longer_owning_a_seller(account)
     assert staff.post(f"/admin/catalog/agent/{seller.pk}/change/", renamed).status_code == 302
     assert Agent.objects.get(pk=seller.pk).display_name == renamed["display_name"]
 
@@ -1250,9 +1264,7 @@ def test_an_operator_who_owns_a_seller_does_not_redirect_or_delete_another_owner
     refuses (`operator_owns_a_seller`). Refused alike, the subscription left as it was; another operator (owning no
     seller) changes it."""
     webhook = seller_api.post("/webhooks", {"url": "https://hooks.example.com/x"}).json()
-    staff = staff_client(settings, "view_webhooksubscription", "change_webhooksubscription")
-    account = get_user_model().objects.get(username="staff")
-    AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    staff, account = seller_owning_staff_client(settings, "view_webhooksubscription", "change_webhooksubscription")
     page = f"/admin/agreements/webhooksubscription/{webhook['id']}/change/"
     # Nor read: the path of a Slack-style address is its credential, shown only to whoever may change it.
     assert "hooks.example.com/x" not in staff.get(page).content.decode()
@@ -1266,7 +1278,7 @@ def test_an_operator_who_owns_a_seller_does_not_redirect_or_delete_another_owner
         row = WebhookSubscription.objects.get(pk=webhook["id"])
         assert (row.url, row.event_types, row.is_active) == ("https://hooks.example.com/x", [], True)
 
-    Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
+    no_longer_owning_a_seller(account)
     assert staff.post(page, redirected).status_code == 302
     assert WebhookSubscription.objects.get(pk=webhook["id"]).url == redirected["url"]
 
@@ -1276,10 +1288,7 @@ def test_redelivering_all_across_pages_sends_none_the_operator_has_not_seen(oper
     """"Select all N" posts the list's filter, not its rows: every event in the log was sent again to every agent (one
     request working through all of them, agents acting on each event a second time), those delivered after the
     operator looked among them. Sending again acts on ticked rows only, as approving and retrying do."""
-    subscription = WebhookSubscription.objects.create(agent=seller, url="https://hooks.example.com/x", secret="s")
-    seen, _since = [WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.proposed",
-                                                   payload={}, status=DeliveryStatus.DELIVERED,
-                                                   next_attempt_at=timezone.now()) for _ in range(2)]
+    seen, _since = ended_deliveries(seller, DeliveryStatus.DELIVERED, count=2)
 
     with django_capture_on_commit_callbacks(execute=False):
         page = operator.post("/admin/agreements/webhookdelivery/", {
@@ -1299,9 +1308,7 @@ def test_an_operator_who_owns_a_seller_does_not_rename_another_owners_account(se
 
     from tests.catalog.test_admin import _owner_form
 
-    staff = staff_client(settings, "view_user", "change_user")
-    account = get_user_model().objects.get(username="staff")
-    AgentFactory(owner=account, handle="operators-seller", is_seller=True)
+    staff, account = seller_owning_staff_client(settings, "view_user", "change_user")
     competitor = seller.owner
     page = reverse("admin:auth_user_change", args=[competitor.pk])
     renamed = {**_owner_form(competitor, active=True), "username": "competitor-old", "email": "ops@example.com"}
@@ -1311,6 +1318,6 @@ def test_an_operator_who_owns_a_seller_does_not_rename_another_owners_account(se
     assert refused.status_code == 200 and "operator_owns_a_seller" in refused.content.decode()
     unchanged = get_user_model().objects.get(pk=competitor.pk)
     assert (unchanged.username, unchanged.email) == (competitor.username, competitor.email)
-    Agent.objects.filter(owner=account).update(is_seller=False, is_buyer=True)  # owning no seller, the rule is off
+    no_longer_owning_a_seller(account)
     assert staff.post(page, renamed).status_code == 302
     assert get_user_model().objects.get(pk=competitor.pk).username == "competitor-old"
