@@ -17,7 +17,8 @@ string as forwarded are at most PROXY_MAX_URL_BYTES (414 `upstream_url_too_long`
 are ASCII digits; headers named in `Connection:` are dropped both ways; the buyer's forwarding headers are
 replaced by the platform's own `X-Forwarded-For`; the upstream's `Set-Cookie` never reaches the buyer (the buyer
 talks to the marketplace, not to the seller's site, and a seller's cookie would be set on the marketplace's host), nor
-do the orders a web server in front acts on (`X-Accel-*`, `X-Sendfile`).
+do the orders a web server in front acts on (`X-Accel-*`, `X-Sendfile`). Redirects are never followed, and a 3xx's
+`Location` reaches the buyer only under this agreement's proxy path or on another host than the marketplace's.
 The upstream's answer head is read up to PROXY_MAX_ANSWER_HEAD_BYTES (502 `upstream_answer_head_too_large` beyond)
 and its body framed as RFC 9112 says, or it is no answer (502 `upstream_unavailable`); neither is charged.
 """
@@ -30,9 +31,10 @@ import json
 import logging
 import re
 import time
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 from django.conf import settings
+from django.core.exceptions import DisallowedHost
 from django.db import IntegrityError, transaction
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -469,6 +471,8 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
     headers = {name: value for name, value in upstream_headers
                if (lower := name.lower()) not in dropped and not _front_server_order(lower)
                and not _UNSAFE_HEADER_VALUE.search(value)}
+    if 300 <= upstream.status < 400:  # a redirect, which the buyer's client may follow
+        _confine_location(headers, request, terms, upstream_path)
     headers["X-Usage-Cost"] = str(cost)
     used = event.cumulative if event else metering.agreement_used(agreement_id=terms.pk)
     headers["X-Escrow-Remaining"] = str(terms.deposit_amount - used)
@@ -493,6 +497,41 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
     for key, value in headers.items():
         response[key] = value
     return response
+
+
+def _origin(url) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a split URL, its port the scheme's default when none is written."""
+    return url.scheme.lower(), (url.hostname or ""), url.port or {"http": 80, "https": 443}.get(url.scheme.lower())
+
+
+def _confine_location(headers: dict, request, terms: selectors.CallTerms, upstream_path: str) -> None:
+    """A redirect's `Location` as the buyer's client may follow it. The seller writes it for the URL the proxy
+    called, and the buyer's client resolves it against the marketplace's URL it called, keeping its Authorization
+    on that host: passed on as written, `/usage-agreements` (or `../../..`, or the marketplace's own host) sent the
+    buyer's key, and with a 307 or 308 its body, to another endpoint of the marketplace at the seller's order. So it
+    is resolved against the URL called: under the service's base path it becomes this agreement's proxy path (a
+    call the buyer's client makes, and is charged for, as any); elsewhere on the seller's host (whose address the
+    buyer is not shown), on the marketplace's host, on a host not in ASCII, or unreadable, it is dropped; on another
+    host it is that URL."""
+    name = next((name for name in headers if name.lower() == "location"), None)
+    if name is None:
+        return
+    base = urlsplit(terms.upstream_base_url)
+    try:
+        target = urlsplit(urljoin(terms.upstream_base_url + upstream_path, headers.pop(name)))
+        upstream_origin, target_origin = _origin(base), _origin(target)
+        marketplace_host = urlsplit(f"//{request.get_host()}").hostname
+    except (ValueError, DisallowedHost):  # a port that is no number, a host the marketplace does not serve
+        return
+    if target_origin == upstream_origin:
+        base_path = base.path.rstrip("/")
+        if target.path == base_path or target.path.startswith(f"{base_path}/"):
+            marker = f"/metered-proxy/{terms.pk}/"
+            proxied = request.path[:request.path.index(marker) + len(marker)] + target.path[len(base_path) + 1:]
+            headers[name] = urlunsplit(("", "", proxied, target.query, target.fragment))
+    # A host in Unicode is left out: clients map it to other names by their IDNA (2003 makes `ſ` an `s`).
+    elif target.hostname is None or target.hostname.isascii() and target.hostname.rstrip(".") != marketplace_host:
+        headers[name] = urlunsplit(target)
 
 
 def _upstream_answer(request, caller: KeyHolder, terms: selectors.CallTerms, reservation: metering.Reservation,

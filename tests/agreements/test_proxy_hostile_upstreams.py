@@ -9,6 +9,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urljoin
 
 import pytest
 import trustme
@@ -516,3 +517,40 @@ def test_an_upstream_flooding_its_answers_trailer_section_is_cut_at_the_head_bou
     assert (response.status_code, body) == (200, b"{}")
     assert took < 1, f"{took:.1f} s, {sum(sent)} trailer lines sent"
     assert _books(active) == (PRICE, 0) and UsageEvent.objects.count() == 1
+
+
+_REDIRECTS = {  # the call's path: where its upstream redirects it (the upstream's base path is /api)
+    b"/api/absolute-path": b"/usage-agreements",
+    b"/api/a/climbing": b"../../../../usage-agreements",
+    b"/api/marketplace-host": b"http://TestServer/usage-agreements",
+    b"/api/within": b"/api/next?page=2#top",
+    b"/api/elsewhere": b"https://other.example/next",
+}
+
+
+def test_a_sellers_redirect_never_sends_the_buyers_client_to_the_marketplaces_own_endpoints(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """A seller's `Location` was passed on as written, and the buyer's client resolves it against the marketplace's
+    URL it called: `307 Location: /usage-agreements` (or `../../..`, or the marketplace's own host) sent the buyer's
+    client, which keeps its Authorization on the same host (requests follows redirects by default), to another
+    endpoint of the marketplace with the buyer's key and body, at the seller's order. A Location is resolved against
+    the URL the proxy called: under the service's base path it is the agreement's proxy path; on the marketplace's
+    host (or the seller's host outside its base path) it is dropped; another host's is passed on (the buyer's
+    client sends it no Authorization)."""
+
+    def redirect(path: bytes) -> bytes:
+        return b"HTTP/1.1 307 Temporary Redirect\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % _REDIRECTS[path]
+
+    with _answering_each(redirect, []) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        followed = {}
+        for path in _REDIRECTS:
+            called = f"{active.proxy}/{path.decode().removeprefix('/api/')}"
+            response = _call(active, "post", called, data=b"{}", content_type="application/json")
+            assert response.status_code == 307, (response.status_code, _body(response))
+            location = response.get("Location")
+            followed[path] = location and urljoin(f"http://testserver{called}", location)
+    proxied = f"http://testserver{active.proxy}/"
+    assert followed == {b"/api/absolute-path": None, b"/api/a/climbing": None, b"/api/marketplace-host": None,
+                        b"/api/within": f"{proxied}next?page=2#top", b"/api/elsewhere": "https://other.example/next"}
+    assert _books(active) == (5 * PRICE, 0)
