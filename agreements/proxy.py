@@ -468,9 +468,7 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
     # Bodies pass through as raw bytes, so Content-Encoding and Content-Length stay true.
     dropped = (_RESPONSE_DROPPED | _MARKETPLACE_ANSWER_HEADERS
                | _named_in_connection({name.lower(): value for name, value in upstream_headers}))
-    headers = {name: value for name, value in upstream_headers
-               if (lower := name.lower()) not in dropped and not _front_server_order(lower)
-               and not _UNSAFE_HEADER_VALUE.search(value)}
+    headers = _passed_on(upstream_headers, dropped)
     if 300 <= upstream.status < 400:  # a redirect, which the buyer's client may follow
         _confine_location(headers, request, terms, upstream_path)
     headers["X-Usage-Cost"] = str(cost)
@@ -497,6 +495,23 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
     for key, value in headers.items():
         response[key] = value
     return response
+
+
+def _passed_on(upstream_headers: list[tuple[str, str]], dropped: set[str]) -> dict[str, str]:
+    """The upstream's answer headers the buyer gets, a field sent on several lines as one joined with commas (RFC 9110
+    5.3; Set-Cookie, the one field that cannot be, is dropped): kept in a dict by name, only the last line of each
+    reached the buyer (one of a 401's WWW-Authenticate challenges, of a Vary's). A line repeating the value so far is
+    not added (a Content-Length sent twice whole, its one value: `9, 9` is no length to most clients)."""
+    headers: dict[str, str] = {}
+    named: dict[str, str] = {}  # lowercase name -> the name as first sent
+    for name, value in upstream_headers:
+        lower = name.lower()
+        if lower in dropped or _front_server_order(lower) or _UNSAFE_HEADER_VALUE.search(value):
+            continue
+        first = named.setdefault(lower, name)
+        so_far = headers.get(first)
+        headers[first] = value if so_far is None or so_far == value else f"{so_far}, {value}"
+    return headers
 
 
 def _origin(url) -> tuple[str, str, int | None]:

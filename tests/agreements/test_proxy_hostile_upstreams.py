@@ -554,3 +554,21 @@ def test_a_sellers_redirect_never_sends_the_buyers_client_to_the_marketplaces_ow
     assert followed == {b"/api/absolute-path": None, b"/api/a/climbing": None, b"/api/marketplace-host": None,
                         b"/api/within": f"{proxied}next?page=2#top", b"/api/elsewhere": "https://other.example/next"}
     assert _books(active) == (5 * PRICE, 0)
+
+
+def test_an_answer_header_repeated_reaches_the_buyer_with_every_value(escrow_chain, django_capture_on_commit_callbacks):
+    """A field sent on several lines is one list (RFC 9110 5.3): the proxy kept the answer's headers in a dict by
+    name, so only the last line of each reached the buyer (one of a 401's `WWW-Authenticate` challenges, one of a
+    `Vary`'s, a `Link`), fresh and in a stored reply alike. Every line reaches it, as one field joined with commas."""
+    answer = (b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"a\"\r\nVary: Accept\r\n"
+              b"www-authenticate: Bearer\r\nvary: Origin\r\nContent-Length: 2\r\n\r\n{}")
+    with _answering_with(answer) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        fresh = _call(active, "get", f"{active.proxy}/private")
+        stored = _call(active, "get", f"{active.proxy}/private", HTTP_X_REQUEST_NONCE="n-1")
+        replayed = _call(active, "get", f"{active.proxy}/private", HTTP_X_REQUEST_NONCE="n-1")
+    for response in (fresh, stored, replayed):
+        assert (response.status_code, _body(response)) == (401, b"{}")
+        assert (response.get("WWW-Authenticate"), response.get("Vary")) == ('Basic realm="a", Bearer', "Accept, Origin")
+    assert replayed["X-Replayed"] == "true"
+    assert _books(active) == (2 * PRICE, 0)
