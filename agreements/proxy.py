@@ -134,14 +134,15 @@ class UpstreamAnswerHeadTooLarge(UpstreamFailed):
     code = "upstream_answer_head_too_large"
 
 
-def _named_in_connection(headers) -> set[str]:
-    """Headers the sender declared hop-by-hop by naming them in `Connection:` (RFC 9110 7.6.1)."""
-    return {token.strip().lower() for token in headers.get("connection", "").split(",")} - {""}
+def _named_in_connection(values) -> set[str]:
+    """Headers the sender declared hop-by-hop by naming them in `Connection:` (RFC 9110 7.6.1), given its `values`:
+    every line of it (a dict of an answer's headers kept the last line's names only)."""
+    return {token.strip().lower() for value in values for token in value.split(",")} - {""}
 
 
 def _forward_headers(request, caller: KeyHolder, terms: selectors.CallTerms, reservation, max_units: int, path: str,
                      body: bytes) -> list[tuple[str, str]]:
-    dropped = _REQUEST_DROPPED | _named_in_connection(request.headers)
+    dropped = _REQUEST_DROPPED | _named_in_connection((request.headers.get("connection", ""),))  # lines joined
     # WSGI servers present absent CONTENT_LENGTH/CONTENT_TYPE as empty strings: those are not headers.
     headers = {key: value for key, value in request.headers.items()
                if value and key.lower() not in dropped and not key.lower().startswith("x-marketplace-")}
@@ -467,7 +468,7 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
             ahead=upstream.meanwhile)
     # Bodies pass through as raw bytes, so Content-Encoding and Content-Length stay true.
     dropped = (_RESPONSE_DROPPED | _MARKETPLACE_ANSWER_HEADERS
-               | _named_in_connection({name.lower(): value for name, value in upstream_headers}))
+               | _named_in_connection(value for name, value in upstream_headers if name.lower() == "connection"))
     headers = _passed_on(upstream_headers, dropped)
     if 300 <= upstream.status < 400:  # a redirect, which the buyer's client may follow
         _confine_location(headers, request, terms, upstream_path)

@@ -572,3 +572,17 @@ def test_an_answer_header_repeated_reaches_the_buyer_with_every_value(escrow_cha
         assert (response.get("WWW-Authenticate"), response.get("Vary")) == ('Basic realm="a", Bearer', "Accept, Origin")
     assert replayed["X-Replayed"] == "true"
     assert _books(active) == (2 * PRICE, 0)
+
+
+def test_headers_named_in_any_of_an_answers_connection_lines_never_reach_the_buyer(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """`Connection` may come on several lines, each naming hop-by-hop headers (RFC 9110 5.3, 7.6.1): the proxy read
+    the answer's headers into a dict by name, so only the last line's names were dropped, and the others' headers
+    (the seller's hop to its own front server) reached the buyer."""
+    answer = (b"HTTP/1.1 200 OK\r\nConnection: X-Hop-One\r\nX-Hop-One: 1\r\nconnection: x-hop-two, keep-alive\r\n"
+              b"X-Hop-Two: 2\r\nX-End-To-End: 3\r\nContent-Length: 2\r\n\r\n{}")
+    with _answering_with(answer) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        response = _call(active, "get", f"{active.proxy}/hops")
+    assert (response.status_code, _body(response)) == (200, b"{}")
+    assert (response.get("X-Hop-One"), response.get("X-Hop-Two"), response.get("X-End-To-End")) == (None, None, "3")
