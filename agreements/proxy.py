@@ -91,6 +91,8 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are; e
 # Overlong UTF-8 (the path as latin-1 text of its bytes): lead bytes C0 and C1, E0 then 80-9F, F0 then 80-8F. No encoder
 # writes them, and a server decoding them anyway reads `.`, `/` or `\` where the proxy saw none.
 _OVERLONG_UTF8 = re.compile("[\xc0\xc1]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]")
+# A URL's authority every parser reads alike: a name or an IPv4 or bracketed IPv6 address, a port; no userinfo.
+_PLAIN_AUTHORITY = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _MAX_HEADER_DIGITS = 18  # any count or amount we accept in a header fits; longer is refused before int()
 
 _upstreams = outbound.UpstreamPool(max_idle_per_upstream=50)
@@ -527,8 +529,9 @@ def _confine_location(headers: dict, request, terms: selectors.CallTerms, upstre
     buyer's key, and with a 307 or 308 its body, to another endpoint of the marketplace at the seller's order. So it
     is resolved against the URL called: under the service's base path it becomes this agreement's proxy path (a
     call the buyer's client makes, and is charged for, as any); elsewhere on the seller's host (whose address the
-    buyer is not shown), on the marketplace's host, on a host not in ASCII, or unreadable, it is dropped; on another
-    host it is that URL."""
+    buyer is not shown), on the marketplace's host, or read otherwise by other URL parsers (a dot segment encoded or
+    behind a backslash, a host that is not a plain name or address), or unreadable, it is dropped; on another host
+    it is that URL."""
     name = next((name for name in headers if name.lower() == "location"), None)
     if name is None:
         return
@@ -542,11 +545,18 @@ def _confine_location(headers: dict, request, terms: selectors.CallTerms, upstre
     if target_origin == upstream_origin:
         base_path = base.path.rstrip("/")
         if target.path == base_path or target.path.startswith(f"{base_path}/"):
-            marker = f"/metered-proxy/{terms.pk}/"
-            proxied = request.path[:request.path.index(marker) + len(marker)] + target.path[len(base_path) + 1:]
-            headers[name] = urlunsplit(("", "", proxied, target.query, target.fragment))
-    # A host in Unicode is left out: clients map it to other names by their IDNA (2003 makes `ſ` an `s`).
-    elif target.hostname is None or target.hostname.isascii() and target.hostname.rstrip(".") != marketplace_host:
+            rest = target.path[len(base_path) + 1:]
+            # A WHATWG URL parser (browsers, Node's fetch) reads `\` as `/` and `%2e` as a dot: a dot segment there
+            # climbs out of the proxy path once the buyer's client resolves it.
+            if not any(segment in (".", "..") or _hides_a_dot_segment(segment)
+                       for segment in rest.replace("\\", "/").split("/")):
+                marker = f"/metered-proxy/{terms.pk}/"
+                proxied = request.path[:request.path.index(marker) + len(marker)] + rest
+                headers[name] = urlunsplit(("", "", proxied, target.query, target.fragment))
+    # Another host's, when every URL parser reads that host: a plain name or address (a WHATWG parser ends the host at
+    # a `\`, where Python reads on to an `@` or a `/`), in ASCII (clients map a Unicode name to others by their IDNA).
+    elif target.scheme in ("http", "https") and _PLAIN_AUTHORITY.fullmatch(target.netloc) \
+            and target.hostname.rstrip(".") != marketplace_host:
         headers[name] = urlunsplit(target)
 
 

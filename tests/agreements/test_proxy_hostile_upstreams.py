@@ -586,3 +586,35 @@ def test_headers_named_in_any_of_an_answers_connection_lines_never_reach_the_buy
         response = _call(active, "get", f"{active.proxy}/hops")
     assert (response.status_code, _body(response)) == (200, b"{}")
     assert (response.get("X-Hop-One"), response.get("X-Hop-Two"), response.get("X-End-To-End")) == (None, None, "3")
+
+
+_REDIRECTS_READ_OTHERWISE = {  # Locations that a WHATWG URL parser (browsers, Node's fetch) reads otherwise than Python
+    b"/api/encoded-dots": b"/api/%2e%2E/.%2e/usage-agreements",  # `%2e` is a dot there: `..`, `..`
+    b"/api/backslashes": b"a\\..\\..\\..\\usage-agreements",  # `\` is a `/` there
+    b"/api/backslash-in-host": b"http://testserver\\usage-agreements?@other.example/",  # host `testserver`
+    b"/api/backslash-before-at": b"http://testserver\\@other.example/x",  # host `testserver`
+    b"/api/tab-in-slashes": b"/\t/testserver/usage-agreements",  # tabs removed: `//testserver/...`
+}
+
+
+def test_a_sellers_redirect_read_otherwise_by_other_url_parsers_is_dropped(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """A Location is judged by how Python reads it, and a buyer's client may read it otherwise: in a WHATWG URL
+    parser `%2e` is a dot and `\\` a slash, so a path under the base with encoded dots or backslashes became, under
+    the agreement's proxy path, one that climbs out of it (`/metered-proxy/{id}/%2e%2E/.%2e/usage-agreements` is
+    `/usage-agreements`), and `http://testserver\\usage-agreements?@other.example/`, another host to Python, is the
+    marketplace's own there. Such a Location is dropped."""
+
+    def redirect(path: bytes) -> bytes:
+        return (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n"
+                % _REDIRECTS_READ_OTHERWISE[path])
+
+    with _answering_each(redirect, []) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        locations = {}
+        for path in _REDIRECTS_READ_OTHERWISE:
+            response = _call(active, "post", f"{active.proxy}/{path.decode().removeprefix('/api/')}", data=b"{}",
+                             content_type="application/json")
+            assert response.status_code == 307, (response.status_code, _body(response))
+            locations[path] = response.get("Location")
+    assert locations == dict.fromkeys(_REDIRECTS_READ_OTHERWISE)
