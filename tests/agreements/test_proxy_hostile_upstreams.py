@@ -519,6 +519,24 @@ def test_an_upstream_flooding_its_answers_trailer_section_is_cut_at_the_head_bou
     assert _books(active) == (PRICE, 0) and UsageEvent.objects.count() == 1
 
 
+def _locations_given(chain, capture, redirects: dict[bytes, bytes]):
+    """(the agreement, the Location its buyer is given for each path) when the upstream answers a POST to each path of
+    `redirects` 307 to its Location."""
+
+    def redirect(path: bytes) -> bytes:
+        return b"HTTP/1.1 307 Temporary Redirect\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % redirects[path]
+
+    with _answering_each(redirect, []) as url:
+        active = active_agreement(chain, capture, url)
+        locations = {}
+        for path in redirects:
+            response = _call(active, "post", f"{active.proxy}/{path.decode().removeprefix('/api/')}", data=b"{}",
+                             content_type="application/json")
+            assert response.status_code == 307, (response.status_code, _body(response))
+            locations[path] = response.get("Location")
+    return active, locations
+
+
 _REDIRECTS = {  # the call's path: where its upstream redirects it (the upstream's base path is /api)
     b"/api/absolute-path": b"/usage-agreements",
     b"/api/a/climbing": b"../../../../usage-agreements",
@@ -537,19 +555,9 @@ def test_a_sellers_redirect_never_sends_the_buyers_client_to_the_marketplaces_ow
     the URL the proxy called: under the service's base path it is the agreement's proxy path; on the marketplace's
     host (or the seller's host outside its base path) it is dropped; another host's is passed on (the buyer's
     client sends it no Authorization)."""
-
-    def redirect(path: bytes) -> bytes:
-        return b"HTTP/1.1 307 Temporary Redirect\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % _REDIRECTS[path]
-
-    with _answering_each(redirect, []) as url:
-        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
-        followed = {}
-        for path in _REDIRECTS:
-            called = f"{active.proxy}/{path.decode().removeprefix('/api/')}"
-            response = _call(active, "post", called, data=b"{}", content_type="application/json")
-            assert response.status_code == 307, (response.status_code, _body(response))
-            location = response.get("Location")
-            followed[path] = location and urljoin(f"http://testserver{called}", location)
+    active, locations = _locations_given(escrow_chain, django_capture_on_commit_callbacks, _REDIRECTS)
+    followed = {path: location and urljoin(f"http://testserver{active.proxy}/{path.decode().removeprefix('/api/')}",
+                                           location) for path, location in locations.items()}
     proxied = f"http://testserver{active.proxy}/"
     assert followed == {b"/api/absolute-path": None, b"/api/a/climbing": None, b"/api/marketplace-host": None,
                         b"/api/within": f"{proxied}next?page=2#top", b"/api/elsewhere": "https://other.example/next"}
@@ -604,17 +612,5 @@ def test_a_sellers_redirect_read_otherwise_by_other_url_parsers_is_dropped(
     the agreement's proxy path, one that climbs out of it (`/metered-proxy/{id}/%2e%2E/.%2e/usage-agreements` is
     `/usage-agreements`), and `http://testserver\\usage-agreements?@other.example/`, another host to Python, is the
     marketplace's own there. Such a Location is dropped."""
-
-    def redirect(path: bytes) -> bytes:
-        return (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n"
-                % _REDIRECTS_READ_OTHERWISE[path])
-
-    with _answering_each(redirect, []) as url:
-        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
-        locations = {}
-        for path in _REDIRECTS_READ_OTHERWISE:
-            response = _call(active, "post", f"{active.proxy}/{path.decode().removeprefix('/api/')}", data=b"{}",
-                             content_type="application/json")
-            assert response.status_code == 307, (response.status_code, _body(response))
-            locations[path] = response.get("Location")
+    _, locations = _locations_given(escrow_chain, django_capture_on_commit_callbacks, _REDIRECTS_READ_OTHERWISE)
     assert locations == dict.fromkeys(_REDIRECTS_READ_OTHERWISE)
