@@ -2,6 +2,7 @@
 reached the upstream is never sent again, and a connection whose upstream answered early is not used again."""
 
 import hashlib
+import io
 import socket
 import ssl
 import threading
@@ -378,6 +379,30 @@ def test_a_204_with_chunked_coding_ends_with_its_head(escrow_chain, settings, dj
     assert (mine.status_code, _body(mine)) == (200, b"/api/mine")
     assert connections == [1, 2]  # a 204 naming a transfer coding (RFC 9112 6.1: a server must not) is not trusted
     assert _books(active) == (2 * PRICE, 0)
+
+
+@pytest.mark.parametrize("forged_size", [6, 100_000], ids=["within-the-read-buffer", "past-the-read-buffer"])
+def test_a_body_after_a_204_or_304_is_never_the_next_calls_answer(
+        escrow_chain, django_capture_on_commit_callbacks, forged_size):
+    """A 204 or 304 ends with its head whatever its Content-Length says (RFC 9112 6.3). What a seller sends after it
+    on the kept-alive connection (here a forged answer) is never read as the buyer's next answer: bytes read ahead
+    with the head are dropped with that answer's reader, and bytes still on the connection make the pool close it."""
+    connections: list[int] = []
+
+    def bodiless_with_a_body(path: bytes) -> bytes:
+        status = {b"/api/no-content": b"204 No Content", b"/api/not-modified": b"304 Not Modified"}.get(path)
+        if status is None:
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path)
+        forged = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (forged_size, b"f" * forged_size)
+        return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(forged), forged)
+
+    with _answering_each(bodiless_with_a_body, connections) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        answers = [_call(active, "get", f"{active.proxy}/{name}") for name in ("no-content", "not-modified", "mine")]
+    assert [(answer.status_code, _body(answer)) for answer in answers] == [(204, b""), (304, b""), (200, b"/api/mine")]
+    if forged_size > io.DEFAULT_BUFFER_SIZE:  # more than the answer's reader reads ahead: some left on the connection
+        assert connections == [1, 2, 3]
+    assert _books(active) == (3 * PRICE, 0)
 
 
 def _answering_with(answer: bytes):
