@@ -59,9 +59,14 @@ logger = logging.getLogger(__name__)
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                "trailers", "transfer-encoding", "upgrade", "host"}
-# Who the client is, as the buyer claims it: replaced by what the platform saw.
+# Who the client is, as the buyer claims it: replaced by what the platform saw. With them the headers servers and
+# frameworks read as the request's path, host or scheme in place of its request line and Host (IIS and older Symfony,
+# Zend and Laminas: X-Original-URL, X-Rewrite-URL; Spring: X-Forwarded-Prefix; Traefik: X-Forwarded-Uri): a buyer's
+# called another path than the one the proxy confined under the base path and signed.
 _FORWARDING = {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-port", "x-forwarded-proto",
-               "x-real-ip"}
+               "x-real-ip", "x-original-url", "x-rewrite-url", "x-original-uri", "x-forwarded-uri", "x-forwarded-path",
+               "x-forwarded-prefix", "x-envoy-original-path", "x-forwarded-server", "x-host", "x-original-host",
+               "x-forwarded-scheme", "x-forwarded-ssl", "x-url-scheme", "front-end-https"}
 # Never forwarded upstream: the buyer's credentials, our own control headers, and the body's length (the body is
 # forwarded as bytes: httpx sets it).
 _REQUEST_DROPPED = _HOP_BY_HOP | _FORWARDING | {"authorization", "token", "cookie", "x-request-nonce", "x-max-units",

@@ -164,6 +164,28 @@ def test_hop_by_hop_forwarding_and_cookie_headers_do_not_cross(active, http_serv
     assert response["X-Kept"] == "1"
 
 
+# Headers that servers and frameworks read as the request's path, host or scheme in place of its request line and Host
+# (IIS and older Symfony, Zend and Laminas read X-Original-URL and X-Rewrite-URL as the path; Spring X-Forwarded-Prefix,
+# Traefik X-Forwarded-Uri; others the host or scheme): from a buyer, a way past the proxy's confinement of the path.
+REQUEST_LINE_OVERRIDES = {"X-Original-URL": "/internal/admin", "X-Rewrite-URL": "/internal/admin",
+                          "X-Original-URI": "/internal/admin", "X-Forwarded-Uri": "/internal/admin",
+                          "X-Forwarded-Path": "/internal/admin", "X-Forwarded-Prefix": "/internal",
+                          "X-Envoy-Original-Path": "/internal/admin", "X-Forwarded-Server": "evil.example",
+                          "X-Host": "evil.example", "X-Original-Host": "evil.example", "X-Forwarded-Scheme": "https",
+                          "X-Forwarded-Ssl": "on", "X-Url-Scheme": "https", "Front-End-Https": "on"}
+
+
+def test_a_buyers_headers_overriding_the_request_line_or_host_never_reach_the_seller(active, http_server):
+    """The proxy confines the path under the service's base path and signs it; a buyer's `X-Original-URL:
+    /internal/admin` reached the seller beside it, and a server that reads it called that path instead, the call
+    signed for the confined one and charged."""
+    http_server.responses.append((200, {}, 0))
+    response = raw(active, "get", f"{active.proxy}/x", **{
+        "HTTP_" + name.upper().replace("-", "_"): value for name, value in REQUEST_LINE_OVERRIDES.items()})
+    assert response.status_code == 200
+    [forwarded] = http_server.requests
+    assert {name.lower() for name in forwarded.headers} & {name.lower() for name in REQUEST_LINE_OVERRIDES} == set()
+
 # What a web server in front (nginx, Apache, lighttpd: README, Operations) takes from the application's answer as an
 # order: an internal redirect to any of its locations (`internal` ones too) with the buyer's request and credentials,
 # a file of its disk, a crawl of a rate, buffering off, a cache time.
