@@ -14,8 +14,9 @@ bytes are forwarded escaped, UTF-8 or not (the web server decodes `%2F` into a `
 the body is
 read up to PROXY_MAX_REQUEST_BYTES (413 beyond), chunked or not, and forwarded with its length; the path and query
 string as forwarded are at most PROXY_MAX_URL_BYTES (414 `upstream_url_too_long` beyond); integer headers
-are ASCII digits; headers named in `Connection:` are dropped both ways; the buyer's forwarding headers are
-replaced by the platform's own `X-Forwarded-For`; the upstream's `Set-Cookie` never reaches the buyer (the buyer
+are ASCII digits; headers named in `Connection:` are dropped both ways; the buyer's forwarding headers, and those
+that servers read as the request's path or host (`X-Original-URL`), are replaced by the platform's own
+`X-Forwarded-For`; the upstream's `Set-Cookie` never reaches the buyer (the buyer
 talks to the marketplace, not to the seller's site, and a seller's cookie would be set on the marketplace's host), nor
 do the orders a web server in front acts on (`X-Accel-*`, `X-Sendfile`). Redirects are never followed, and a 3xx's
 `Location` reaches the buyer only under this agreement's proxy path or on another host than the marketplace's.
