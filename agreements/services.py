@@ -700,9 +700,14 @@ def invocation_create(*, skill: Skill, buyer: Agent | None, input: dict,
     calling agent is a buyer (else 403 `not_a_buyer`, as its proposals) and its owner policy allows its price, as a
     direct purchase's: a denial is 403 `policy_denied`, and a price the owner must approve is 403 `approval_required`
     (a synchronous paid call cannot wait for the owner), each with the rule; nothing is recorded. An anonymous caller
-    (no API key) has no owner, hence no policy. Call inside the transaction that queues the payment: the buyer stays
-    locked until it commits."""
+    (no API key) has no owner, hence no policy: but one paying from the wallet of an agent its owner bound (a policy,
+    a deactivation: `wallet_bound_by_an_owner`) is that agent escaping its owner, 403 `agent_key_required`. Call
+    inside the transaction that queues the payment: the buyer stays locked until it commits."""
     with transaction.atomic():
+        if buyer is None and policy_selectors.wallet_bound_by_an_owner(wallet_address=authorization.payer):
+            raise Forbidden("This wallet is a buyer agent's whose owner set it a policy or deactivated it: pay with "
+                            "that agent's API key, under its owner's policy.", code="agent_key_required",
+                            details={"wallet": authorization.payer})
         if buyer is not None:
             _buyer_role_require(buyer)
             decision = _buyer_policy_decision(buyer=buyer, service=skill.service, token=skill.service.token,

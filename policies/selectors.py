@@ -2,7 +2,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from django.db import connection
-from django.db.models import Count
+from django.db.models import Count, Q
 
 from catalog.models import Agent
 from marketplace.errors import NotFound
@@ -24,6 +24,16 @@ def purchase_decision(*, agent: Agent, seller: Agent, service_id: str, tags: fro
                     Purchase(seller_handle=seller.handle, service_id=service_id, tags=tags, token=token, amount=amount,
                              seller_owner_id=seller.owner_id, buyer_owner_id=agent.owner_id),
                     Spend(last_day=spent_last_day, last_month=spent_last_month))
+
+
+def wallet_bound_by_an_owner(*, wallet_address: str) -> bool:
+    """Whether an agent that proved `wallet_address` is bound by its owner: its owner set it a policy, or stopped it
+    (the agent, or its owner, deactivated). Such an agent holds the wallet's key: its payments made without its API
+    key (an anonymous x402 payment) would escape what its owner set. An agent merely naming the wallet (unproven)
+    binds nobody's payments from it."""
+    return Agent.objects.filter(
+        Q(policy__isnull=False) | Q(is_active=False) | Q(owner_is_active=False),
+        wallet_address=wallet_address, wallet_proven_at__isnull=False).exists()
 
 
 def approval_given(*, subject_type: str, subject_id) -> bool:

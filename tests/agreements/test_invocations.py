@@ -956,10 +956,29 @@ def test_an_agents_invocation_of_a_blocked_sellers_skill_is_refused_and_moves_no
 
     _refused(market, response, code="policy_denied", rule="blocked_sellers", before=before)
     assert response.json()["error"]["details"]["seller"] == "sol"
-    # Anonymous (no API key: no owner, no policy), the same payment still pays.
+
+
+def test_an_agent_bound_by_its_owners_policy_does_not_pay_past_it_anonymously_from_its_wallet(
+        market, owner_api, buyer_agent, agent_api, django_capture_on_commit_callbacks):
+    """The agent holds its wallet's key: the same signed payment sent without its API key (the payment alone, no
+    owner) bought what its owner's policy refused it. A wallet an agent with an owner's policy proved is refused
+    anonymously, 403 `agent_key_required` (nothing recorded, sent or called); another wallet still pays so."""
+    _policy(owner_api, buyer_agent, blocked_sellers=["sol"])
+    payment = market.pay("translate")
+    before = market.balances()
+
+    response = market.call("translate", payment)
+
+    assert response.status_code == 403, response.content
+    assert error_code(response) == "agent_key_required"
+    assert response.json()["error"]["details"] == {"wallet": market.buyer.address}
+    assert SkillInvocation.objects.count() == 0 and not ChainTransaction.objects.exists()
+    assert market.upstream.requests == [] and market.balances() == before
+    other_wallet = market.chain.accounts.buyer2
+    _funded(market, other_wallet)
     market.upstream.responses.append((200, {"translation": "bonjour"}))
     with django_capture_on_commit_callbacks(execute=True):
-        assert market.call("translate", payment).status_code == 200
+        assert market.call("translate", market.pay("translate", key=other_wallet.key)).status_code == 200
 
 
 def test_a_daily_cap_counts_proposals_and_invocations_and_refuses_the_invocation_over_it(
