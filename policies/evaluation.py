@@ -23,6 +23,8 @@ class Purchase:
     amount: int  # the commitment: everything that can leave the buyer's wallet (max amount + fee)
     seller_owner_id: int | None = None
     buyer_owner_id: int | None = None
+    # Handles of other agents of the seller's owner, or paid to its proven wallet: a blocked one blocks this seller.
+    seller_kin_handles: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def evaluate(policy: Policy | None, purchase: Purchase, spend: Spend) -> Decisio
     if unreadable:
         return deny(unreadable[0], "The policy's rule is stored in a form it cannot be read in: its owner must set it again.",
                     reason=rules.RULE_UNREADABLE)
-    if purchase.seller_handle in policy.blocked_sellers:
+    if purchase.seller_handle in policy.blocked_sellers or purchase.seller_kin_handles & set(policy.blocked_sellers):
         return deny("blocked_sellers", "The seller is blocked by policy.", seller=purchase.seller_handle)
     if policy.allowed_sellers and purchase.seller_handle not in policy.allowed_sellers:
         return deny("allowed_sellers", "The seller is not on the allowed list.", seller=purchase.seller_handle)

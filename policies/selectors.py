@@ -8,6 +8,7 @@ from catalog.models import Agent
 from marketplace.errors import NotFound
 from marketplace.postgresql import prepared_cursor
 from marketplace.rows import ModelColumns, model_columns
+from policies import rules
 from policies.evaluation import Decision, Purchase, Spend, evaluate
 from policies.models import ApprovalRequest, ApprovalStatus, Policy
 
@@ -20,10 +21,26 @@ def purchase_decision(*, agent: Agent, seller: Agent, service_id: str, tags: fro
                       amount: int, spent_last_day: int, spent_last_month: int) -> Decision:
     """The agent's owner policy on a purchase of `amount` (everything that can leave the wallet) from `seller`, given
     what the agent committed in the last day and month."""
-    return evaluate(policy_of(agent=agent),
+    policy = policy_of(agent=agent)
+    return evaluate(policy,
                     Purchase(seller_handle=seller.handle, service_id=service_id, tags=tags, token=token, amount=amount,
-                             seller_owner_id=seller.owner_id, buyer_owner_id=agent.owner_id),
+                             seller_owner_id=seller.owner_id, buyer_owner_id=agent.owner_id,
+                             seller_kin_handles=_blocked_kin_of(policy, seller=seller)),
                     Spend(last_day=spent_last_day, last_month=spent_last_month))
+
+
+def _blocked_kin_of(policy: Policy | None, *, seller: Agent) -> frozenset[str]:
+    """The handles `policy` blocks of other agents of the seller's owner, or of agents whose proven wallet is the
+    seller's proven one: a handle never changes, but a blocked seller's owner makes another agent (an owner's agents
+    may share a wallet), or another owner's agent proves its wallet once it is deactivated, and sells as before. Read
+    only when the policy blocks sellers and not this one by its handle."""
+    blocked = policy.blocked_sellers if policy is not None else []
+    if not blocked or not rules.rule_is_canonical("blocked_sellers", blocked) or seller.handle in blocked:
+        return frozenset()
+    kin = Q(owner_id=seller.owner_id)
+    if seller.wallet_proven_at is not None:
+        kin |= Q(wallet_address=seller.wallet_address, wallet_proven_at__isnull=False)
+    return frozenset(Agent.objects.filter(kin, handle__in=blocked).values_list("handle", flat=True))
 
 
 def wallet_bound_by_an_owner(*, wallet_address: str) -> bool:

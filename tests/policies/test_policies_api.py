@@ -77,6 +77,25 @@ def test_denied_proposal_names_the_rule_and_creates_nothing(owner_api, buyer, bu
     assert not UsageAgreement.objects.exists()
 
 
+def test_a_blocked_seller_does_not_escape_the_block_under_another_agent_of_its_owner_or_wallet(
+        owner_api, buyer, buyer_api, service):
+    """A handle never changes, but a blocked seller's owner made another agent (its own wallet proof is its
+    owner's, the same wallet allowed) and sold the same thing under that handle; or another owner's agent took over
+    its wallet once it was deactivated. Both are the blocked seller, 403 `blocked_sellers` naming the handle bought
+    from; a seller of another owner and wallet is not."""
+    blocked = service.seller
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"blocked_sellers": [blocked.handle]})
+    same_owner = AgentFactory(owner=blocked.owner, handle="seller-renamed", is_buyer=False, is_seller=True)
+    same_wallet = AgentFactory(handle="seller-moved", is_buyer=False, is_seller=True,
+                               wallet_address=blocked.wallet_address)
+    for seller in (same_owner, same_wallet):
+        response = buyer_api.post("/usage-agreements", proposal(register_service(seller)))
+        assert response.status_code == 403, response.content
+        assert response.json()["error"]["details"] == {"rule": "blocked_sellers", "seller": seller.handle}
+    assert not UsageAgreement.objects.exists()
+    propose(buyer_api, register_service(AgentFactory(handle="seller-other", is_buyer=False, is_seller=True)))
+
+
 def test_daily_cap_counts_live_commitments_and_ignores_released_ones(owner_api, buyer, buyer_api, seller_api,
                                                                       service):
     # Each proposal of 10 calls commits 200_000 + the 100_000 minimum fee.
