@@ -26,7 +26,7 @@ from escrow import relayer
 from catalog.models import Agent, Service, Skill
 from escrow.models import ChainTransaction, RelayRevert
 from marketplace import outbound_slots
-from policies.models import ApprovalRequest
+from policies.models import ApprovalRequest, Policy
 from sdk import proxy_signature, typed_data
 from sdk.x402_signing import RETRY_PROOF_HEADER, sign_authorization, sign_payment_required, sign_retry_proof
 from tests.chain_fixtures import TOKEN_NAMES
@@ -958,12 +958,19 @@ def test_an_agents_invocation_of_a_blocked_sellers_skill_is_refused_and_moves_no
     assert response.json()["error"]["details"]["seller"] == "sol"
 
 
+@pytest.mark.parametrize("bound_by", ["policy", "deactivation"])
 def test_an_agent_bound_by_its_owners_policy_does_not_pay_past_it_anonymously_from_its_wallet(
-        market, owner_api, buyer_agent, agent_api, django_capture_on_commit_callbacks):
+        market, owner_api, buyer_agent, bound_by, django_capture_on_commit_callbacks):
     """The agent holds its wallet's key: the same signed payment sent without its API key (the payment alone, no
-    owner) bought what its owner's policy refused it. A wallet an agent with an owner's policy proved is refused
-    anonymously, 403 `agent_key_required` (nothing recorded, sent or called); another wallet still pays so."""
-    _policy(owner_api, buyer_agent, blocked_sellers=["sol"])
+    owner) bought what its owner's policy refused it (or anything, the agent deactivated). A wallet an agent with
+    an owner's policy, or deactivated, proved is refused
+    anonymously, 403 `agent_key_required` (nothing recorded, sent or called); another wallet still pays so, even one
+    an agent with a policy names unproven (anyone may name any wallet)."""
+    if bound_by == "policy":
+        _policy(owner_api, buyer_agent, blocked_sellers=["sol"])
+    else:
+        buyer_agent.is_active = False  # as an operator does in the admin
+        buyer_agent.save(update_fields=["is_active"])
     payment = market.pay("translate")
     before = market.balances()
 
@@ -976,6 +983,8 @@ def test_an_agent_bound_by_its_owners_policy_does_not_pay_past_it_anonymously_fr
     assert market.upstream.requests == [] and market.balances() == before
     other_wallet = market.chain.accounts.buyer2
     _funded(market, other_wallet)
+    naming = AgentFactory(is_buyer=True, is_seller=False, wallet_address=other_wallet.address, wallet_proven_at=None)
+    Policy.objects.create(agent=naming, blocked_sellers=["sol"])
     market.upstream.responses.append((200, {"translation": "bonjour"}))
     with django_capture_on_commit_callbacks(execute=True):
         assert market.call("translate", market.pay("translate", key=other_wallet.key)).status_code == 200

@@ -1,5 +1,7 @@
 """The pure policy decision, rule by rule."""
 
+from dataclasses import replace
+
 import pytest
 
 from policies.evaluation import Outcome, Purchase, Spend, evaluate
@@ -41,6 +43,14 @@ def test_each_deny_rule(policy, rule):
 ])
 def test_allow_lists_and_limits_that_admit(policy):
     assert decide(**policy).outcome == Outcome.ALLOW
+
+
+def test_a_seller_kin_to_a_blocked_one_is_blocked_but_not_allowed_by_an_allowed_ones_kinship():
+    """Kin: another agent of the seller's owner, or of its proven wallet (`selectors._blocked_kin_of`)."""
+    kin = replace(PURCHASE, seller_kin_handles=frozenset({"acme-old"}))
+    decision = decide(kin, blocked_sellers=["acme-old"])
+    assert (decision.outcome, decision.rule, decision.details) == (Outcome.DENY, "blocked_sellers", {"seller": "acme"})
+    assert decide(kin, allowed_sellers=["acme-old"]).rule == "allowed_sellers"
 
 
 def test_daily_and_monthly_caps_count_what_was_already_committed():
