@@ -1476,9 +1476,20 @@ def agreement_activation_confirmed(*, agreement_id, tx_hash: str, receipt_signer
     if receipt_signer and not agreement.receipt_signer:
         UsageAgreement.objects.filter(pk=agreement_id).update(receipt_signer=receipt_signer)
     if can_activate(agreement):
-        # An operator retried a failed activation, or someone relayed the buyer's signed intent themselves.
+        # An operator retried a failed activation, or someone relayed the buyer's signed intent themselves: the
+        # buyer's own agent may fund past its owner's policy, which the platform then applies as the chain has it.
+        refusal = _self_funding_policy_refusal(agreement)
         _transition(agreement_id, to=S.SUBMITTING, actor=SYSTEM, reason="activation mined",
                     changes={"funds_moved_at": timezone.now()})
+        if refusal is not None:
+            # As a funding after the close: active with its completion asked for at once, so that nothing is
+            # metered and a settlement of nothing gives the whole deposit back.
+            rule = refusal.details.get("rule") or refusal.code
+            return _chain_outcome(agreement_id, to=S.ACTIVE, actor=SYSTEM, data={"tx_hash": tx_hash},
+                                  reason=f"escrow funded on-chain past the buyer's owner policy ({rule}): its "
+                                         "deposit goes back to the buyer through a settlement of nothing",
+                                  changes={"activation_tx_hash": tx_hash, "completion_requested_at": timezone.now(),
+                                           "completion_reason": f"funded past the buyer's owner policy: {rule}"[:100]})
     elif is_closed(agreement):
         # The buyer's signed intent ran after the agreement was closed (see TRANSITIONS). The escrow holds the deposit,
         # which only the contract can give back: completion is asked for in the same write, so nothing is charged
@@ -1490,6 +1501,16 @@ def agreement_activation_confirmed(*, agreement_id, tx_hash: str, receipt_signer
                                     "completion_reason": "funded after it was closed"})
     return _chain_outcome(agreement_id, to=S.ACTIVE, actor=SYSTEM, reason="escrow funded on-chain",
                           data={"tx_hash": tx_hash}, changes={"activation_tx_hash": tx_hash})
+
+
+def _self_funding_policy_refusal(agreement: UsageAgreement) -> ApplicationError | None:
+    """Why the buyer's owner policy (or the platform's ceiling), as it is now, refuses the escrow the chain funded
+    without the platform's check (`_payment_policy_refusal`; an operator's retry was checked when it was sent, and
+    is checked again here as its money moved). Raises nothing: the funding is a fact to apply either way."""
+    try:
+        return _payment_policy_refusal(agreement)
+    except ApplicationError as refused:  # above the ceiling in force now
+        return refused
 
 
 def agreement_activation_failed(*, agreement_id, reason: str, code: str) -> UsageAgreement:

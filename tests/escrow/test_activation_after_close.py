@@ -27,7 +27,8 @@ from sdk.activation import activation_intent_nonce
 from tests.support.operators import staff_account
 from tests.agreements.helpers import propose
 from tests.chain_fixtures import TEST_RECLAIM_GRACE
-from tests.conftest import error_code
+from tests.catalog.factories import issue_owner_token
+from tests.conftest import Api, error_code
 from tests.escrow.conftest import Escrows
 from tests.escrow.flow import (USDC, Parties, confirm_all, deadline_clock, fund, mined_what_was_sent, pay_fees,
                                sign_activation, usdc_balance)
@@ -395,6 +396,30 @@ def test_a_funding_indexed_before_the_seller_answered_is_applied_once_the_seller
         assert UsageAgreement.objects.get(pk=agreement["id"]).completion_requested_at is None
         assert parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/work").status_code == 200
         call_command("reconcile", stdout=io.StringIO())
+
+
+def test_a_funding_the_buyer_sent_itself_that_its_owners_policy_refuses_now_is_given_back(
+        parties, escrow_chain, django_capture_on_commit_callbacks):
+    """The platform checks the buyer's owner policy when it moves the money (activate-escrow), but the buyer's own
+    agent can fund the escrow itself with an intent it builds: funded while proposed and applied once the seller
+    accepted, the agreement was active, to be metered and paid out, though the owner blocked the seller in between
+    (or a cap's worth proposed each day was all funded on one day). Refused by the policy as it is when the chain's
+    funding is applied, it is active with its completion asked for at once: the deposit goes back."""
+    capture = django_capture_on_commit_callbacks
+    agreement = funded_by_the_buyers_own_intent_while_proposed(parties)
+    owner_api = Api(issue_owner_token(parties.buyer.owner))
+    blocked = owner_api.put(f"/agents/{parties.buyer.pk}/policies", {"blocked_sellers": [parties.service.seller.handle]})
+    assert blocked.status_code == 200, blocked.content
+    accepted = parties.seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
+    assert accepted.status_code == 200, accepted.content
+
+    index(capture)
+
+    assert statuses(agreement["id"])[-2:] == [("accepted", "submitting"), ("submitting", "active")]
+    assert "blocked_sellers" in UsageAgreement.objects.get(pk=agreement["id"]).completion_reason
+    assert parties.buyer_api.get(f"/metered-proxy/{agreement['id']}/work").status_code != 200
+    assert_given_back_through_a_settlement_of_nothing(parties, capture, agreement["id"],
+                                                      window=agreement["challenge_window_seconds"])
 
 
 # --- a deep reorg under a failed activation of an agreement closed since ---------------------------------------
