@@ -25,17 +25,19 @@ def purchase_decision(*, agent: Agent, seller: Agent, service_id: str, tags: fro
     return evaluate(policy,
                     Purchase(seller_handle=seller.handle, service_id=service_id, tags=tags, token=token, amount=amount,
                              seller_owner_id=seller.owner_id, buyer_owner_id=agent.owner_id,
-                             seller_kin_handles=_blocked_kin_of(policy, seller=seller)),
+                             seller_kin_handles=_blocked_kin_of(policy, seller=seller, buyer=agent)),
                     Spend(last_day=spent_last_day, last_month=spent_last_month))
 
 
-def _blocked_kin_of(policy: Policy | None, *, seller: Agent) -> frozenset[str]:
+def _blocked_kin_of(policy: Policy | None, *, seller: Agent, buyer: Agent) -> frozenset[str]:
     """The handles `policy` blocks of other agents of the seller's owner, or of agents whose proven wallet is the
     seller's proven one: a handle never changes, but a blocked seller's owner makes another agent (an owner's agents
     may share a wallet), or another owner's agent proves its wallet once it is deactivated, and sells as before. Read
-    only when the policy blocks sellers and not this one by its handle."""
+    only when the policy blocks sellers and not this one by its handle; not for the buyer's owner's own sellers,
+    which that owner tells apart."""
     blocked = policy.blocked_sellers if policy is not None else []
-    if not blocked or not rules.rule_is_canonical("blocked_sellers", blocked) or seller.handle in blocked:
+    if (not blocked or not rules.rule_is_canonical("blocked_sellers", blocked) or seller.handle in blocked
+            or seller.owner_id == buyer.owner_id):
         return frozenset()
     kin = Q(owner_id=seller.owner_id)
     if seller.wallet_proven_at is not None:

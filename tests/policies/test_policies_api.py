@@ -82,7 +82,8 @@ def test_a_blocked_seller_does_not_escape_the_block_under_another_agent_of_its_o
     """A handle never changes, but a blocked seller's owner made another agent (its own wallet proof is its
     owner's, the same wallet allowed) and sold the same thing under that handle; or another owner's agent took over
     its wallet once it was deactivated. Both are the blocked seller, 403 `blocked_sellers` naming the handle bought
-    from; a seller of another owner and wallet is not."""
+    from; a seller of another owner and wallet is not, nor is the buyer's owner's own other seller when it blocked
+    one of its own."""
     blocked = service.seller
     owner_api.put(f"/agents/{buyer.pk}/policies", {"blocked_sellers": [blocked.handle]})
     same_owner = AgentFactory(owner=blocked.owner, handle="seller-renamed", is_buyer=False, is_seller=True)
@@ -94,6 +95,10 @@ def test_a_blocked_seller_does_not_escape_the_block_under_another_agent_of_its_o
         assert response.json()["error"]["details"] == {"rule": "blocked_sellers", "seller": seller.handle}
     assert not UsageAgreement.objects.exists()
     propose(buyer_api, register_service(AgentFactory(handle="seller-other", is_buyer=False, is_seller=True)))
+    own_blocked, own_other = (AgentFactory(owner=buyer.owner, handle=handle, is_buyer=False, is_seller=True)
+                              for handle in ("own-seller-old", "own-seller-new"))
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"blocked_sellers": [blocked.handle, own_blocked.handle]})
+    propose(buyer_api, register_service(own_other))
 
 
 def test_daily_cap_counts_live_commitments_and_ignores_released_ones(owner_api, buyer, buyer_api, seller_api,
