@@ -1462,10 +1462,11 @@ def job_result_charge(*, agreement_id, result_hash: str, request_id: str, chain_
 
 @logs_name_the_agreement
 def usage_record_running_total(*, agreement: UsageAgreement, seller_id: uuid.UUID, units_used: int,
-                               request_id: str) -> list[UsageEvent]:
+                               request_id: str, description: str) -> list[UsageEvent]:
     """The seller's running total of reported units (the Pægents SDK's `units_used`): charges the units beyond the
-    total reported so far; the same total again charges nothing, so a retry is harmless without an
-    Idempotency-Key. A total below what was reported is refused: a charge is never taken back here."""
+    total reported so far, described by the seller's `description` if it gave one; the same total again charges
+    nothing, so a retry is harmless without an Idempotency-Key. A total below what was reported is refused: a
+    charge is never taken back here."""
     _seller_report_require(agreement, seller_id)
     with transaction.atomic():
         _lock_and_read(agreement)
@@ -1477,4 +1478,4 @@ def usage_record_running_total(*, agreement: UsageAgreement, seller_id: uuid.UUI
         if units_used == reported:
             return []
         return usage_record(agreement=agreement, seller_id=seller_id, request_id=request_id, locked=True, entries=[
-            {"units": units_used - reported, "description": f"running total {units_used} units"}])
+            {"units": units_used - reported, "description": description or f"running total {units_used} units"}])

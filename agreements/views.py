@@ -349,7 +349,8 @@ class RecordUsageView(APIView):
         request_id = request.request_id
         if "units_used" in report:
             events = metering.usage_record_running_total(agreement=agreement, seller_id=agent_id,
-                                                         units_used=report["units_used"], request_id=request_id)
+                                                         units_used=report["units_used"], request_id=request_id,
+                                                         description=report["description"])
             if report["completed"]:
                 metering.completion_request(agreement=agreement, reason="completed by the seller")
         else:

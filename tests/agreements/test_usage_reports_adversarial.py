@@ -188,3 +188,19 @@ def test_a_batchs_own_description_is_refused_not_dropped(active, description):
     assert response.status_code == 400 and codes_at(response, "description") == {"events_carry_descriptions"}, \
         response.content
     assert not UsageEvent.objects.filter(agreement_id=active.agreement_id).exists()
+
+
+def test_a_running_totals_description_is_kept_as_the_charges_description(active):
+    """`description` beside `units_used` was checked (`unsafe_characters`) and then dropped: the seller told 201, the
+    buyer shown "running total 3 units" for what the seller described. The published Pægents SDK sends none, and
+    its charge keeps that default; a total already reported charges nothing and records no event."""
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    first = active.seller_api.post(url, {"units_used": 3, "description": "3 pages translated"})
+    assert first.status_code == 201, first.content
+    again = active.seller_api.post(url, {"units_used": 3, "description": "3 pages translated"})
+    assert again.status_code == 201 and again.json()["events"] == [], again.content
+    plain = active.seller_api.post(url, {"units_used": 4})
+    assert plain.status_code == 201, plain.content
+    listed = active.buyer_api.get(f"/usage-agreements/{active.agreement_id}/usage").json()["results"]
+    assert [(event["units"], event["description"]) for event in listed] == [
+        (3, "3 pages translated"), (1, "running total 4 units")]
