@@ -1452,6 +1452,14 @@ def agreement_intent_nonce_renew(*, agreement_id, from_round: int) -> UsageAgree
     return agreement
 
 
+def agreement_error_tell(*, agreement_id, code: str, reason: str) -> None:
+    """An error that moves no status (a Masumi purchase's seller call failed, a step of its own refused), told to both
+    parties as an event of the agreement in its status (`data.code`): their webhooks and inboxes. Call inside
+    atomic(), the agreement locked (`agreement_lock`) while the caller decides it is new, so it is told once."""
+    agreement = _lock(agreement_id)
+    _record_event(agreement, actor=SYSTEM, from_status=agreement.status, reason=reason[:500], data={"code": code})
+
+
 def agreement_activation_signed(*, agreement_id, tx_hash: str) -> None:
     UsageAgreement.objects.filter(pk=agreement_id).update(activation_tx_hash=tx_hash)
 

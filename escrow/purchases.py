@@ -609,16 +609,25 @@ def _error_code(error: Exception) -> str:
 
 def _record_error(purchase_id, error: Exception) -> None:
     """Kept as the purchase's last error, with its machine-readable code (`last_error_code`, NextAction.errorCode:
-    the refusal's own, `seller_service_error` for a seller's call that failed). Not the node not answering a step of
+    the refusal's own, `seller_service_error` for a seller's call that failed), a new code told to both parties
+    (`agreement_error_tell`: a webhook, an inbox entry). Not the node not answering a step of
     ours (503 `chain_unavailable`: the next tick does it again): kept, it was shown to the buyer as the seller's
     failure, for good once the purchase was disputed (no call to the seller clears it)."""
     if isinstance(error, ApplicationError) and error.code == chain.unavailable().code:
         logger.warning("masumi purchase's step not done: the chain RPC is unavailable; the next tick tries again",
                        extra={"purchase_id": str(purchase_id)})
         return
-    MasumiPurchase.objects.filter(pk=purchase_id).update(last_error=f"{type(error).__name__}: {error}"[:500],
-                                                         last_error_code=_error_code(error)[:64],
-                                                         updated_at=timezone.now())
+    code, text = _error_code(error)[:64], f"{type(error).__name__}: {error}"[:500]
+    agreement_id = MasumiPurchase.objects.filter(pk=purchase_id).values_list("agreement_id", flat=True).get()
+    with transaction.atomic():
+        # The agreement's lock, as every path takes it before the purchase's, orders two errors recorded at once:
+        # a code is told to the parties (a webhook, an inbox entry) once, when it replaces another or none.
+        agreement_services.agreement_lock(agreement_id=agreement_id)
+        told = MasumiPurchase.objects.filter(pk=purchase_id).values_list("last_error_code", flat=True).get()
+        MasumiPurchase.objects.filter(pk=purchase_id).update(last_error=text, last_error_code=code,
+                                                             updated_at=timezone.now())
+        if told != code:
+            agreement_services.agreement_error_tell(agreement_id=agreement_id, code=code, reason=text)
 
 
 def _step_done(purchase: MasumiPurchase) -> None:

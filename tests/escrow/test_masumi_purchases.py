@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 
-from agreements.models import UsageEvent
+from agreements.models import UsageEvent, WebhookDelivery, WebhookSubscription
 from catalog.models import Service
 from escrow import chain as gateway
 from escrow import indexer, purchases, relayer, settlement
@@ -1909,6 +1909,27 @@ def test_a_seller_call_failure_is_shown_with_the_seller_service_error_code(
     assert failed.job_call_failures == 1 and failed.last_error_code == "seller_service_error", failed.last_error
     assert purchase.get()["NextAction"] == {"requestedAction": "None", "errorType": "SellerServiceError",
                                             "errorCode": "seller_service_error", "errorNote": failed.last_error}
+
+
+def test_a_purchases_error_is_told_to_its_parties_webhooks_once_per_code(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks):
+    """A purchase's error (the seller's job call failing, a step of its own refused) was kept on the purchase alone,
+    shown by `GET /purchase` to a buyer polling it: a party subscribed to its agreement's webhooks was told nothing.
+    Each new code is an agreement event (its status unchanged, `data.code`), so a webhook and an inbox entry; a call
+    failing again with the same code adds none."""
+    purchase = Purchase(escrow_chain, django_capture_on_commit_callbacks, seller_service)
+    WebhookSubscription.objects.create(agent=purchase.parties.buyer, url="https://hooks.example.com/b", secret="s")
+    seller_service.mode = "unavailable"
+    purchase.tick()
+    MasumiPurchase.objects.filter(pk=row(purchase).pk).update(job_next_call_at=timezone.now())
+    purchase.tick()
+    assert row(purchase).job_call_failures == 2
+    told = [delivery.payload["data"] for delivery in WebhookDelivery.objects.filter(
+        subscription__agent=purchase.parties.buyer, payload__data__code__isnull=False)]
+    assert [(data["status"], data["from_status"], data["code"]) for data in told] == [
+        ("active", "active", "seller_service_error")], told
+    inbox = purchase.parties.buyer_api.get(f"/agents/{purchase.parties.buyer.pk}/events").json()
+    assert [event["payload"]["code"] for event in inbox if "code" in event["payload"]] == ["seller_service_error"]
 
 
 def _dispute_release_refused_once(chain, capture, seller_service, monkeypatch) -> "Purchase":
