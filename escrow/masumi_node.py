@@ -117,6 +117,10 @@ def _input_hash_field():
                                   help_text="MIP-004: sha256 of `identifierFromPurchaser;JCS(input_data)`.")
 
 
+def _include_history_field():
+    return serializers.CharField(max_length=5, required=False, help_text="Accepted; no history here.")
+
+
 class FundsSerializer(TextOnlySerializer):
     # Base units as a string of digits (a JSON integer read as its digits): " 5000000" was trimmed into the price.
     amount = DigitsField(max_digits=78)
@@ -193,6 +197,7 @@ class PurchaseListQuery(StrictSerializer):
     blockchainIdentifier = _blockchain_identifier_field(required=False)
     cursorId = serializers.UUIDField(required=False, help_text="Id of the last purchase of the previous page.")
     limit = StrictIntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
+    includeHistory = _include_history_field()
 
 
 NO_ERROR = {"errorType": None, "errorCode": None, "errorNote": None}
@@ -300,12 +305,14 @@ class PaymentSubmitResultSerializer(StrictSerializer):
 class PaymentResolveSerializer(StrictSerializer):
     network = _network_field()
     blockchainIdentifier = _blockchain_identifier_field()
-    includeHistory = serializers.CharField(max_length=5, required=False, help_text="Accepted; no history here.")
+    includeHistory = _include_history_field()
 
 
 class PaymentListQuery(StrictSerializer):
     network = _network_field()
+    cursorId = serializers.UUIDField(required=False, help_text="Id of the last payment of the previous page.")
     limit = StrictIntegerField(required=False, min_value=1, max_value=MAX_LIMIT, default=10)
+    includeHistory = _include_history_field()
 
 
 class PaymentSerializer(serializers.Serializer):
@@ -622,10 +629,8 @@ class PaymentView(APIView):
         query = PaymentListQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
         _check_network(query.validated_data["network"])
-        paid, unpaid = selectors.payments_of_seller(seller=calling_agent(request))
-        limit = query.validated_data["limit"]
-        rows = list(paid.order_by("-created_at")[:limit])
-        rows += list(unpaid.order_by("-created_at")[:limit - len(rows)])
+        rows = selectors.payments_page(seller=calling_agent(request), after=query.validated_data.get("cursorId"),
+                                       limit=query.validated_data["limit"])
         return _success({"Payments": [payment_payload(row) for row in rows]})
 
     @extend_schema(operation_id="masumi_payment_create", tags=SELLER_TAGS, request=PaymentCreateSerializer,

@@ -470,6 +470,26 @@ def payments_of_seller(*, seller):
     return paid, unpaid
 
 
+def payments_page(*, seller, after=None, limit: int) -> list[MasumiPurchase | MasumiPaymentRequest]:
+    """The seller's payments as a Masumi node pages them: its purchased jobs, then its unpaid requests, each newest
+    first, at most `limit`, after the payment whose id is `after` (the previous page's last: a purchase's, or a
+    request's, paid since or not). Another id is 404 `payment_not_found`."""
+    paid, unpaid = payments_of_seller(seller=seller)
+    paid, unpaid = paid.order_by("-created_at", "-id"), unpaid.order_by("-created_at", "-id")
+    if after is not None:
+        if (last := paid.filter(pk=after).values_list("created_at", flat=True).first()) is not None:
+            paid = paid.filter(Q(created_at__lt=last) | Q(created_at=last, pk__lt=after))
+        elif (last := MasumiPaymentRequest.objects.filter(service__seller=seller, pk=after).values_list(
+                "created_at", flat=True).first()) is not None:
+            paid = paid.none()
+            unpaid = unpaid.filter(Q(created_at__lt=last) | Q(created_at=last, pk__lt=after))
+        else:
+            raise NotFound("No payment of yours has this id.", code="payment_not_found",
+                           details={"fields": ["cursorId"]})
+    rows: list[MasumiPurchase | MasumiPaymentRequest] = list(paid[:limit])
+    return rows + list(unpaid[:limit - len(rows)])
+
+
 def payment_get(*, seller, blockchain_identifier: str) -> MasumiPurchase | MasumiPaymentRequest:
     """The seller's payment with this blockchainIdentifier: the purchase paying it, else the unpaid request."""
     paid, unpaid = payments_of_seller(seller=seller)

@@ -682,3 +682,30 @@ def test_an_unpaid_payment_request_is_deleted_a_retention_after_its_pay_by_time_
     assert (gone.status_code, error_code(gone)) == (404, "payment_not_found")
     assert MasumiPurchase.objects.get(payment_request_id=paid["id"])
     assert tasks.purge_expired_payment_requests() == 0  # safe twice
+
+
+def test_a_sellers_payments_are_listed_page_by_page_as_a_masumi_node_lists_them(parties, escrow_chain):
+    """`GET /payment` took neither `cursorId` nor `includeHistory`, which a Masumi node's clients send (`limit=100&
+    includeHistory=true`, then the last payment's id as `cursorId`): 400 `unknown_field`, and a seller with more
+    payments than a page had no way to list the older ones. The paid ones come first, then the unpaid requests, each
+    newest first; a page goes on after the payment its cursorId names. `GET /purchase` takes `includeHistory` too."""
+    pay_by = deadline_clock(escrow_chain) + 600
+    requests = [payment_request(parties, pay_by, identifierFromPurchaser=f"order-{n}") for n in range(3)]
+    bought = parties.buyer_api.post("/purchase/", paying_body(parties, requests[0], identifierFromPurchaser="order-0"))
+    assert bought.status_code == 200, bought.content
+    listed, cursor = [], {}
+    for _ in range(4):
+        page = parties.seller_api.get("/payment/", {"network": "Preprod", "limit": "1", "includeHistory": "true",
+                                                    **cursor})
+        assert page.status_code == 200, page.content
+        payments = page.json()["data"]["Payments"]
+        if not payments:
+            break
+        listed += [payment["id"] for payment in payments]
+        cursor = {"cursorId": payments[-1]["id"]}
+    assert listed == [bought.json()["data"]["id"], requests[2]["id"], requests[1]["id"]]
+    unknown = parties.seller_api.get("/payment/", {"network": "Preprod",
+                                                   "cursorId": bought.json()["data"]["agreementId"]})
+    assert unknown.status_code == 404 and error_code(unknown) == "payment_not_found", unknown.content
+    theirs = parties.buyer_api.get("/purchase/", {"network": "Preprod", "includeHistory": "true"})
+    assert [purchase["id"] for purchase in theirs.json()["data"]["Purchases"]] == [bought.json()["data"]["id"]]
