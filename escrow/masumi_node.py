@@ -444,7 +444,10 @@ def purchase_payload(purchase) -> dict:
 def payment_payload(payment) -> dict:
     """The seller's view of a payment: a purchase paying its job, or its request no buyer has paid yet."""
     escrow = chainconfig.escrow_address()
-    common = {"SmartContractWallet": _wallet(escrow), "PaymentSource": _payment_source(), "metadata": payment.metadata,
+    # The seller's own private note, given with its request: a purchase's `metadata` is its buyer's.
+    request = payment if isinstance(payment, MasumiPaymentRequest) else payment.payment_request
+    common = {"SmartContractWallet": _wallet(escrow), "PaymentSource": _payment_source(),
+              "metadata": request.metadata if request is not None else "",
               "createdAt": _timestamp(payment.created_at), **_timers_of(payment),
               "identifierFromPurchaser": payment.identifier_from_purchaser, "inputHash": payment.input_hash}
     if isinstance(payment, MasumiPaymentRequest):

@@ -709,3 +709,17 @@ def test_a_sellers_payments_are_listed_page_by_page_as_a_masumi_node_lists_them(
     assert unknown.status_code == 404 and error_code(unknown) == "payment_not_found", unknown.content
     theirs = parties.buyer_api.get("/purchase/", {"network": "Preprod", "includeHistory": "true"})
     assert [purchase["id"] for purchase in theirs.json()["data"]["Purchases"]] == [bought.json()["data"]["id"]]
+
+
+def test_a_sellers_view_of_a_paid_payment_shows_its_own_metadata_never_the_buyers(parties, escrow_chain):
+    """Each party's `metadata` is its private note (the masumi library: "Private metadata to be stored with the
+    payment request"; a purchase's, the buyer's). Once a buyer paid the seller's request, the seller's view of the
+    payment (`GET /payment`, resolve-blockchain-identifier) showed the buyer's metadata in place of its own."""
+    pay_by = deadline_clock(escrow_chain) + 600
+    payment = payment_request(parties, pay_by, metadata="seller's own note")
+    bought = parties.buyer_api.post("/purchase/", paying_body(parties, payment, metadata="buyer's private note"))
+    assert bought.status_code == 200 and bought.json()["data"]["metadata"] == "buyer's private note", bought.content
+    resolved = parties.seller_api.post("/payment/resolve-blockchain-identifier", {
+        "network": "Preprod", "blockchainIdentifier": payment["blockchainIdentifier"]})
+    [listed] = parties.seller_api.get("/payment/", {"network": "Preprod"}).json()["data"]["Payments"]
+    assert resolved.json()["data"]["metadata"] == listed["metadata"] == "seller's own note", resolved.content
