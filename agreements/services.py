@@ -1455,7 +1455,8 @@ def agreement_intent_nonce_renew(*, agreement_id, from_round: int) -> UsageAgree
 def agreement_error_tell(*, agreement_id, code: str, reason: str) -> None:
     """An error that moves no status (a Masumi purchase's seller call failed, a step of its own refused), told to both
     parties as an event of the agreement in its status (`data.code`): their webhooks and inboxes. Call inside
-    atomic(), the agreement locked (`agreement_lock`) while the caller decides it is new, so it is told once."""
+    atomic(), holding what orders the caller's decision that it is new (a purchase's row lock), so it is told
+    once."""
     agreement = _lock(agreement_id)
     _record_event(agreement, actor=SYSTEM, from_status=agreement.status, reason=reason[:500], data={"code": code})
 

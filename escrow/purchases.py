@@ -618,12 +618,12 @@ def _record_error(purchase_id, error: Exception) -> None:
                        extra={"purchase_id": str(purchase_id)})
         return
     code, text = _error_code(error)[:64], f"{type(error).__name__}: {error}"[:500]
-    agreement_id = MasumiPurchase.objects.filter(pk=purchase_id).values_list("agreement_id", flat=True).get()
     with transaction.atomic():
-        # The agreement's lock, as every path takes it before the purchase's, orders two errors recorded at once:
-        # a code is told to the parties (a webhook, an inbox entry) once, when it replaces another or none.
-        agreement_services.agreement_lock(agreement_id=agreement_id)
-        told = MasumiPurchase.objects.filter(pk=purchase_id).values_list("last_error_code", flat=True).get()
+        # The purchase's lock orders two errors recorded at once: a code is told to the parties (a webhook, an inbox
+        # entry) once, when it replaces another or none. Then the agreement's, in the order purchase_result_record
+        # takes them.
+        agreement_id, told = MasumiPurchase.objects.select_for_update().filter(pk=purchase_id).values_list(
+            "agreement_id", "last_error_code").get()
         MasumiPurchase.objects.filter(pk=purchase_id).update(last_error=text, last_error_code=code,
                                                              updated_at=timezone.now())
         if told != code:
