@@ -29,7 +29,7 @@ from catalog.models import KeyScope, UpstreamProtocol
 from escrow import purchases, selectors
 from escrow.models import MasumiPaymentRequest
 from escrow.serializers import ActivateEscrowSerializer, ActivationPackageSerializer, TypedDataSerializer
-from marketplace import chainconfig, exact_json, url_credentials
+from marketplace import chainconfig, exact_json, shown_text, url_credentials
 from marketplace.errors import Conflict, InvalidInput
 from marketplace.idempotency import idempotent
 from marketplace.masumi_format import check_network as _check_network
@@ -117,6 +117,12 @@ def _input_hash_field():
                                   help_text="MIP-004: sha256 of `identifierFromPurchaser;JCS(input_data)`.")
 
 
+def _identifier_from_purchaser_checked(value: str) -> str:
+    """The buyer's order reference, shown to the other party as written (kept exactly: it is hashed)."""
+    shown_text.refuse_unsafe(value, field="identifierFromPurchaser", prose=True)
+    return value
+
+
 def _include_history_field():
     return serializers.CharField(max_length=5, required=False, help_text="Accepted; no history here.")
 
@@ -152,6 +158,9 @@ class PurchaseCreateSerializer(StrictSerializer):
     submitResultTime = _millis_field()
     unlockTime = _millis_field()
     externalDisputeUnlockTime = _millis_field()
+
+    def validate_identifierFromPurchaser(self, value):
+        return _identifier_from_purchaser_checked(value)
 
     def validate_input_data(self, value):
         """Kept with the purchase and sent to the seller: at most MASUMI_INPUT_DATA_MAX_BYTES of JSON, as stored
@@ -294,6 +303,9 @@ class PaymentCreateSerializer(StrictSerializer):
     submitResultTime = _millis_field()
     unlockTime = _millis_field()
     externalDisputeUnlockTime = _millis_field()
+
+    def validate_identifierFromPurchaser(self, value):
+        return _identifier_from_purchaser_checked(value)
 
 
 class PaymentSubmitResultSerializer(StrictSerializer):

@@ -94,3 +94,20 @@ def test_hostile_blockchain_identifiers_and_wallets_are_400(parties):
         response = parties.buyer_api.get("/registry/", {"network": "Preprod", "walletVKey": wallet})
         assert response.status_code == 400 and error_code(response), (wallet, response.content[:300])
     assert Service.objects.count() == 1
+
+
+@pytest.mark.parametrize("identifier", ["order-\u202e71", "order\u200b-9", "order\x1b[2J-9"])
+def test_an_identifier_from_purchaser_shown_to_the_other_party_is_refused_with_invisible_characters(
+        parties, identifier):
+    """identifierFromPurchaser is the buyer's order reference, shown to the seller (its payments, its /start_job) and
+    the seller's to the buyer: with a bidi override or a zero-width space it reads as another order, as a seller's
+    name would (marketplace.shown_text). Refused on both sides, 400 `unsafe_characters`, nothing written."""
+    before = (MasumiPurchase.objects.count(), MasumiPaymentRequest.objects.count())
+    for api, path, body in [
+            (parties.buyer_api, "/purchase", {"input_data": {"text": "hi"}}),
+            (parties.seller_api, "/payment", {})]:
+        refused = api.post(path, {"network": "Preprod", "agentIdentifier": str(parties.service.pk),
+                                  "identifierFromPurchaser": identifier, **body})
+        assert refused.status_code == 400 and error_code(refused) == "unsafe_characters", (path, refused.content)
+        assert refused.json()["error"]["details"]["fields"] == ["identifierFromPurchaser"], refused.content
+    assert (MasumiPurchase.objects.count(), MasumiPaymentRequest.objects.count()) == before
