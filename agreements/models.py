@@ -473,8 +473,16 @@ class CallIntent(models.Model):
         return f"{self.method} {self.path} ({'answered' if self.answered_at else 'forwarding'})"
 
 
+class AgreementEventQuerySet(models.QuerySet):
+    def transitions(self):
+        """The status transitions: not the events told in an unchanged status (a refusal, a purchase's error, a
+        payment found), which name no status the agreement came from or went to."""
+        return self.exclude(from_status=F("to_status"))
+
+
 class AgreementEvent(models.Model):
-    """Audit row for every status transition (and nothing else)."""
+    """Audit row for every status transition, and for what the parties are told in an unchanged status
+    (`from_status` == `to_status`: `AgreementEventQuerySet.transitions` leaves those out)."""
 
     class ActorKind(models.TextChoices):
         BUYER = "buyer"
@@ -492,6 +500,8 @@ class AgreementEvent(models.Model):
     reason = models.CharField(max_length=500, blank=True)
     data = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = AgreementEventQuerySet.as_manager()
 
     class Meta:
         ordering = ["id"]

@@ -1601,7 +1601,7 @@ def agreement_activation_undone(*, agreement_id, tx_hash: str) -> UsageAgreement
     agreement = _lock(agreement_id)
     if agreement.status != S.ACTIVE or agreement.activation_tx_hash.lower() != tx_hash.lower():
         return None
-    activated = agreement.events.filter(to_status=S.ACTIVE).order_by("-id").first()
+    activated = agreement.events.transitions().filter(to_status=S.ACTIVE).order_by("-id").first()
     return agreement_chain_rollback(
         agreement_id=agreement_id, produced_by_removed={S.ACTIVE},
         back_to=(activated and activated.from_status) or S.SUBMITTING,
@@ -1729,7 +1729,7 @@ def agreement_payout_undone(*, agreement_id, tx_hash: str) -> UsageAgreement | N
     agreement = _lock(agreement_id)
     if agreement.status not in (S.SETTLED, S.REFUNDED):
         return None
-    closed = agreement.events.filter(to_status=agreement.status).order_by("-id").first()
+    closed = agreement.events.transitions().filter(to_status=agreement.status).order_by("-id").first()
     if closed is None or not closed.from_status or str(closed.data.get("tx_hash", "")).lower() != tx_hash.lower():
         return None
     return agreement_chain_rollback(

@@ -262,7 +262,7 @@ class AgreementWithChainAdmin(UsageAgreementAdmin):
                                '<a class="button" href="{}">Resolve</a>', agreement.status_reason or
                                "no reason given", _times_out(dispute),
                                reverse("admin:escrow_dispute_resolve", args=[agreement.pk]))
-        resolution = agreement.events.filter(from_status=AgreementStatus.DISPUTED).first()
+        resolution = agreement.events.transitions().filter(from_status=AgreementStatus.DISPUTED).first()
         if resolution is not None:
             return format_html('<span id="dispute-panel">Was disputed; {} by {} at {}: {}</span>',
                                resolution.to_status, resolution.actor,

@@ -228,7 +228,7 @@ def _dispute_outlines(queryset):
     recorded it and the end of the challenge window it was mined in (the chain's time; getEscrow's challengeDeadline
     while Disputed is the exact timeout, read live on the agreement's page): late by the indexer's delay at most."""
     resolution = live_transactions(purpose=TxPurpose.RESOLVE).filter(agreement_id=OuterRef("pk"))
-    events = AgreementEvent.objects.filter(agreement_id=OuterRef("pk"))
+    events = AgreementEvent.objects.transitions().filter(agreement_id=OuterRef("pk"))
     challenged = events.filter(to_status=S.DISPUTED).order_by("-id")
     ended = events.filter(from_status=S.DISPUTED).order_by("id")
     return queryset.annotate(
@@ -245,7 +245,7 @@ def _dispute_outlines(queryset):
 def dispute_evidence(dispute) -> str:
     """What the buyer gave as evidence with its challenge (kept on the event that recorded the dispute), for the
     arbiter."""
-    challenged = dispute.events.filter(to_status=S.DISPUTED).order_by("-id").first()
+    challenged = dispute.events.transitions().filter(to_status=S.DISPUTED).order_by("-id").first()
     return (challenged.data or {}).get("evidence", "") if challenged is not None else ""
 
 

@@ -14,10 +14,11 @@ from django.utils import timezone
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 
-from agreements.models import UsageEvent, WebhookDelivery, WebhookSubscription
+from agreements.models import AgreementEvent, UsageEvent, WebhookDelivery, WebhookSubscription
 from catalog.models import Service
 from escrow import chain as gateway
 from escrow import indexer, purchases, relayer, settlement
+from escrow import selectors as escrow_selectors
 from escrow.models import ChainTransaction, MasumiPurchase, TxPurpose
 from marketplace import shown_text
 from marketplace.errors import Conflict
@@ -1958,6 +1959,21 @@ def test_a_dispute_release_the_purchases_tick_was_refused_is_shown_with_the_refu
     assert row(purchase).last_error_code == "amount_exceeds_deposit"
     shown = purchase.get()["NextAction"]
     assert (shown["errorType"], shown["errorCode"]) == ("PurchaseStepRefused", "amount_exceeds_deposit"), shown
+
+
+def test_a_disputed_purchases_refusal_told_to_its_parties_leaves_the_operators_dispute_open_and_dated(
+        escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch):
+    """A refusal told as an event in the agreement's unchanged status (`disputed` to `disputed`) read, in the
+    operators' disputes list, as the dispute's end (the first event from `disputed`: its reason shown as how it
+    ended) and as its challenge (the last event to `disputed`: dated, and timing out, from the refusal)."""
+    capture = django_capture_on_commit_callbacks
+    purchase = _dispute_release_refused_once(escrow_chain, capture, seller_service, monkeypatch)
+    agreement_id = purchase.created["agreementId"]
+    challenge = AgreementEvent.objects.filter(agreement_id=agreement_id, to_status="disputed").order_by("id").first()
+    assert AgreementEvent.objects.filter(agreement_id=agreement_id, from_status="disputed",
+                                         data__code="amount_exceeds_deposit").exists()
+    [dispute] = [row for row in escrow_selectors.disputes() if str(row.pk) == agreement_id]
+    assert (dispute.ended_reason, dispute.disputed_at) == (None, challenge.created_at)
 
 
 def test_a_dispute_release_refused_once_then_done_no_longer_shows_the_refusal(
