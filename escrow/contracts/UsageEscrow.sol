@@ -76,6 +76,9 @@ import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
  *   `withdraw(id, terms)` (callable by anyone: the money only ever goes to the party's own address) retries.
  *   Credits are never redirected to another address, so a token's blacklist is not circumvented.
  * - Only allowlisted tokens can be escrowed, so payout transfers only ever call known token contracts.
+ * - Activation measures what came in (the escrow's token balance before and after its pulls) and reverts
+ *   ShortTransfer when it is less than `depositAmount + infraFee`: a token taking a fee on transfer (an allowlisted
+ *   upgradeable token whose issuer turns one on) cannot open an escrow that owes more than it holds.
  * - Signatures are checked with SignatureChecker: EOAs (ECDSA, low-s only) and ERC-1271 contract wallets.
  *
  * Known limits: a Disputed escrow waits up to DISPUTE_TIMEOUT (30 days) for the arbiter; an arbiter who does not
@@ -286,6 +289,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
     error PayoutFailed(bytes32 agreementId);
     error InsufficientGasForPayout();
     error TermsMismatch(bytes32 agreementId);
+    error ShortTransfer(uint256 expected, uint256 received);
 
     // ---------------------------------------------------------------- setup
 
@@ -342,7 +346,8 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
      * IntentNonceUsed, ZeroAddress (buyer, seller or receiptSigner), TokenNotAllowed, InvalidDeposit
      * (`depositAmount == 0` or `!= quantity * pricePerUnit`), InvalidChallengeWindow (0 or over the max),
      * InvalidExpiry (`expiresAt <= block.timestamp`), InvalidBuyerSignature, InsufficientAllowance (after
-     * the permits were tried), and the token's own errors (e.g. balance).
+     * the permits were tried), ShortTransfer (the token moved less into the escrow than it pulled), and the token's
+     * own errors (e.g. balance).
      * Note: another buyer's escrow under the same id does not matter (escrows are keyed by buyer); AgreementExists
      * means this buyer's escrow exists already: its intent relayed by someone else, or another intent it signed.
      * @param intent The terms the buyer signed.
@@ -396,13 +401,7 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
             })
         );
 
-        IERC20 token = IERC20(intent.token);
-        if (intent.infraFee == 0 || feePermit.deadline == 0) {
-            _pull(token, intent.buyer, intent.depositAmount + intent.infraFee, escrowPermit);
-        } else {
-            _pull(token, intent.buyer, intent.depositAmount, escrowPermit);
-            _pull(token, intent.buyer, intent.infraFee, feePermit);
-        }
+        _pullDepositAndFee(intent, escrowPermit, feePermit);
         if (intent.infraFee > 0) feesAccrued[intent.token] += intent.infraFee;
 
         _emitActivated(intent, reclaimAfter);
@@ -423,6 +422,25 @@ contract UsageEscrow is EIP712, AccessControl, ReentrancyGuardTransient {
             intent.challengeWindow,
             intent.nonce
         );
+    }
+
+    /// @dev Pull the deposit and the infra fee (one transfer, or two with a fee permit) and check that the escrow's
+    /// balance grew by both: a token paying less than asked (a transfer fee its issuer turned on) would leave this
+    /// escrow's payouts to be taken from the other escrows' deposits. Reverts ShortTransfer.
+    function _pullDepositAndFee(ActivationIntent calldata intent, Permit calldata escrowPermit, Permit calldata feePermit)
+        private
+    {
+        IERC20 token = IERC20(intent.token);
+        uint256 amount = intent.depositAmount + intent.infraFee;
+        uint256 balanceBefore = token.balanceOf(address(this));
+        if (intent.infraFee == 0 || feePermit.deadline == 0) {
+            _pull(token, intent.buyer, amount, escrowPermit);
+        } else {
+            _pull(token, intent.buyer, intent.depositAmount, escrowPermit);
+            _pull(token, intent.buyer, intent.infraFee, feePermit);
+        }
+        uint256 received = token.balanceOf(address(this)) - balanceBefore;
+        if (received < amount) revert ShortTransfer(amount, received);
     }
 
     /// @dev Run the permit if present, tolerating a revert (front-run or stale), then move `amount` from

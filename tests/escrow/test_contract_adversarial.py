@@ -176,6 +176,21 @@ def test_a_seller_cannot_restart_the_window_without_a_newer_receipt(esc, chain):
 _PROXY_HEAD, _PROXY_TAIL = "363d3d373d3d3d363d73", "5af43d82803e903d91602b57fd5bf3"
 
 
+# The same proxy, lowering a transferFrom's amount by one before delegating it: a token that moves less than asked
+# (a transfer fee its issuer turned on; USDC is upgradeable). Inserted after the calldata copy: mstore(0x44,
+# mload(0x44) - (selector == transferFrom)); the tail's jump moves by the 19 bytes inserted.
+_SHORT_PAYING_HEAD = _PROXY_HEAD[:8] + "600051" "60e01c" "6323b872dd" "14" "604451" "03" "604452" + _PROXY_HEAD[8:]
+_SHORT_PAYING_TAIL = _PROXY_TAIL.replace("602b57", "603e57")
+
+
+def _token_behind_proxy(esc, chain, head: str, tail: str) -> None:
+    """The test token's code moved to another address and the token's own replaced by `head` + that address +
+    `tail` (a proxy DELEGATECALLing it): same address, same storage."""
+    implementation = "0x" + "11" * 19 + "67"
+    chain.rpc("anvil_setCode", [implementation, "0x" + esc.w3.eth.get_code(esc.usdc.address).hex()])
+    chain.rpc("anvil_setCode", [esc.usdc.address, "0x" + head + implementation[2:] + tail])
+
+
 def test_a_starved_gas_limit_cannot_force_a_deferral_through_a_proxied_token(esc, chain):
     """USDC is a proxy: a transfer starved of gas fails two calls deep, and the escrow gets back more than 1/64 of
     the gas it forwarded. Turning the test token into a proxy of itself (same storage), every gas limit either pays
@@ -185,9 +200,7 @@ def test_a_starved_gas_limit_cannot_force_a_deferral_through_a_proxied_token(esc
     event = _proposed(esc, agreement_id)
     chain.set_next_timestamp(event["challengeDeadline"])
     chain.mine()
-    implementation = "0x" + "11" * 19 + "67"
-    chain.rpc("anvil_setCode", [implementation, "0x" + esc.w3.eth.get_code(esc.usdc.address).hex()])
-    chain.rpc("anvil_setCode", [esc.usdc.address, "0x" + _PROXY_HEAD + implementation[2:] + _PROXY_TAIL])
+    _token_behind_proxy(esc, chain, _PROXY_HEAD, _PROXY_TAIL)
     assert esc.balance(esc.escrow.address) > 0  # the proxy reads the token's own storage
 
     fn = esc.fn("finalize", agreement_id)
@@ -204,6 +217,30 @@ def test_a_starved_gas_limit_cannot_force_a_deferral_through_a_proxied_token(esc
             outcomes.add("reverted")
         chain.revert(snapshot)
     assert outcomes == {"paid", "reverted"}
+
+
+@pytest.mark.parametrize("two_permits", [False, True], ids=["one_permit", "two_permits"])
+def test_a_token_paying_the_escrow_less_than_asked_cannot_open_an_escrow_short(esc, chain, two_permits):
+    """A token that moves less than `transferFrom` asked would leave the escrow holding less than the deposit it
+    owes: that escrow's payout taken from the other escrows' deposits, the last one settled unpaid. The activation
+    reverts ShortTransfer (what it asked, what came in) and the buyer keeps its money."""
+    esc.activate()  # an escrow opened before: a short one's payout would come out of this one's deposit
+    held = esc.held()
+    _token_behind_proxy(esc, chain, _SHORT_PAYING_HEAD, _SHORT_PAYING_TAIL)
+    typed = esc.intent()
+    deposit, fee, deadline = (typed["message"][key] for key in ("depositAmount", "infraFee", "deadline"))
+    esc.mint(esc.acc.buyer, deposit + fee)
+    buyer_before = esc.balance(esc.acc.buyer)
+    if two_permits:
+        nonce = esc.usdc.functions.nonces(esc.acc.buyer.address).call()
+        permits = (esc.permit(esc.acc.buyer, deposit, deadline=deadline, nonce=nonce),
+                   esc.permit(esc.acc.buyer, fee, deadline=deadline, nonce=nonce + 1))
+    else:
+        permits = (esc.permit(esc.acc.buyer, deposit + fee, deadline=deadline),)
+    fn = esc.activate_fn(typed, esc.sign(typed, esc.acc.buyer), *permits)
+    short_by = 2 if two_permits else 1
+    esc.reverts(fn, esc.acc.operator, "ShortTransfer", deposit + fee, deposit + fee - short_by)
+    assert (esc.balance(esc.acc.buyer), esc.held()) == (buyer_before, held)
 
 
 # Runtime code answering every call with 32 zero bytes: a token whose transfer returns false instead of reverting.
