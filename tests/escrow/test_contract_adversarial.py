@@ -243,6 +243,48 @@ def test_a_token_paying_the_escrow_less_than_asked_cannot_open_an_escrow_short(e
     assert (esc.balance(esc.acc.buyer), esc.held()) == (buyer_before, held)
 
 
+def _reentering_head(calldata: str) -> str:
+    """Code put before the proxy: on `transfer` (a payout), first CALL the caller (the escrow) with `calldata`,
+    appended after the proxy, ignoring its result: a token whose transfer hook calls back into the escrow."""
+    blob = calldata.removeprefix("0x")
+    # The proxy reads RETURNDATASIZE as a cheap 0: a STATICCALL of the identity precompile with nothing empties it.
+    head_length, proxy_length = 0x35, (len(_PROXY_HEAD) + 40 + len(_PROXY_TAIL)) // 2
+    return ("600035" "60e01c" "63a9059cbb" "14" "15" f"61{head_length - 1:04x}" "57"  # not transfer: to the proxy
+            "6000" "6000" f"61{len(blob) // 2:04x}" "80" f"61{head_length + proxy_length:04x}" "6000" "39"
+            "6000" "6000" "33" "5a" "f1" "50" "6000" "6000" "6000" "6000" "6004" "5a" "fa" "50" "5b")
+
+
+def _calls(frame: dict):
+    yield frame
+    for inner in frame.get("calls", []):
+        yield from _calls(inner)
+
+
+def test_a_token_calling_back_into_the_escrow_during_a_payout_pays_each_party_once(esc, chain):
+    """A token whose transfer hook calls `finalize` again while the escrow pays the seller: the call back is refused
+    (ReentrancyGuardReentrantCall; the escrow is Settled before it pays anyway) and each party is paid once."""
+    typed, _ = esc.activate(challenge_window=WINDOW)
+    agreement_id = typed["message"]["agreementId"]
+    event = _proposed(esc, agreement_id)
+    chain.set_next_timestamp(event["challengeDeadline"])
+    chain.mine()
+    finalize = esc.escrow.encode_abi("finalize", args=[agreement_id, esc.terms(agreement_id)])
+    head = _reentering_head(finalize)
+    _token_behind_proxy(esc, chain, head + _PROXY_HEAD, _PROXY_TAIL.replace("602b57", f"60{0x2b + len(head) // 2:02x}57")
+                        + finalize.removeprefix("0x"))
+    held, seller_before, buyer_before = esc.balance(esc.escrow), esc.balance(esc.acc.seller), esc.balance(esc.acc.buyer)
+
+    receipt = esc.tx(esc.fn("finalize", agreement_id), esc.acc.stranger)
+    trace = chain.rpc("debug_traceTransaction", [receipt["transactionHash"].to_0x_hex(), {"tracer": "callTracer"}])
+    calls_back = [frame for frame in _calls(trace) if frame["from"].lower() == esc.usdc.address.lower()
+                  and frame["to"].lower() == esc.escrow.address.lower()]
+    reentrancy_refused = "0x" + esc.w3.keccak(text="ReentrancyGuardReentrantCall()")[:4].hex()
+    assert calls_back and all(frame.get("output", "").startswith(reentrancy_refused) for frame in calls_back)
+    assert esc.events(receipt, "PayoutDeferred") == [] and len(esc.events(receipt, "Settled")) == 1
+    assert (esc.balance(esc.acc.seller) - seller_before, esc.balance(esc.acc.buyer) - buyer_before,
+            held - esc.balance(esc.escrow)) == (400_000, 600_000, 1_000_000)
+
+
 # Runtime code answering every call with 32 zero bytes: a token whose transfer returns false instead of reverting.
 _RETURNS_FALSE = "0x60206000f3"
 
