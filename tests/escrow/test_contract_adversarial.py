@@ -27,6 +27,15 @@ def _proposed(esc, agreement_id: str, seq: int = 1, amount: int = 400_000, sende
     return esc.event(esc.propose(agreement_id, seq, amount, sender=sender), "SettlementProposed")
 
 
+def _due_for_finalize(esc, chain) -> tuple[str, int]:
+    """(agreement id, infra fee) of an escrow of 1 USDC with 0.4 USDC proposed for the seller, its window over."""
+    typed, _ = esc.activate(challenge_window=WINDOW)
+    agreement_id = typed["message"]["agreementId"]
+    chain.set_next_timestamp(_proposed(esc, agreement_id)["challengeDeadline"])
+    chain.mine()
+    return agreement_id, typed["message"]["infraFee"]
+
+
 def test_malleated_signatures_are_refused(esc, chain):
     """The high-s twin of a valid signature (same key, same message) is refused for the intent, the receipt and
     the challenge, so no signature can be spent twice under another encoding."""
@@ -195,11 +204,7 @@ def test_a_starved_gas_limit_cannot_force_a_deferral_through_a_proxied_token(esc
     """USDC is a proxy: a transfer starved of gas fails two calls deep, and the escrow gets back more than 1/64 of
     the gas it forwarded. Turning the test token into a proxy of itself (same storage), every gas limit either pays
     both parties or reverts: no limit leaves a payable party's share deferred."""
-    typed, _ = esc.activate(challenge_window=WINDOW)
-    agreement_id = typed["message"]["agreementId"]
-    event = _proposed(esc, agreement_id)
-    chain.set_next_timestamp(event["challengeDeadline"])
-    chain.mine()
+    agreement_id, _ = _due_for_finalize(esc, chain)
     _token_behind_proxy(esc, chain, _PROXY_HEAD, _PROXY_TAIL)
     assert esc.balance(esc.escrow.address) > 0  # the proxy reads the token's own storage
 
@@ -263,11 +268,7 @@ def _calls(frame: dict):
 def test_a_token_calling_back_into_the_escrow_during_a_payout_pays_each_party_once(esc, chain):
     """A token whose transfer hook calls `finalize` again while the escrow pays the seller: the call back is refused
     (ReentrancyGuardReentrantCall; the escrow is Settled before it pays anyway) and each party is paid once."""
-    typed, _ = esc.activate(challenge_window=WINDOW)
-    agreement_id = typed["message"]["agreementId"]
-    event = _proposed(esc, agreement_id)
-    chain.set_next_timestamp(event["challengeDeadline"])
-    chain.mine()
+    agreement_id, _ = _due_for_finalize(esc, chain)
     finalize = esc.escrow.encode_abi("finalize", args=[agreement_id, esc.terms(agreement_id)])
     head = _reentering_head(finalize)
     _token_behind_proxy(esc, chain, head + _PROXY_HEAD, _PROXY_TAIL.replace("602b57", f"60{0x2b + len(head) // 2:02x}57")
@@ -293,12 +294,7 @@ def test_a_token_returning_false_defers_payouts_and_keeps_fees(esc, chain):
     """A transfer that returns false (no revert) is a failed payout: finalize credits both parties instead of
     counting them paid, payFees reverts and keeps the fees accrued; once the token transfers again, withdraw and
     payFees pay exactly what was owed."""
-    typed, _ = esc.activate(challenge_window=WINDOW)
-    agreement_id = typed["message"]["agreementId"]
-    fee = typed["message"]["infraFee"]
-    event = _proposed(esc, agreement_id)
-    chain.set_next_timestamp(event["challengeDeadline"])
-    chain.mine()
+    agreement_id, fee = _due_for_finalize(esc, chain)
     token_code = "0x" + esc.w3.eth.get_code(esc.usdc.address).hex()
     chain.rpc("anvil_setCode", [esc.usdc.address, _RETURNS_FALSE])
 
