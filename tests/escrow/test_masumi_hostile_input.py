@@ -53,7 +53,7 @@ def test_hostile_purchase_fields_are_400_and_nothing_is_written(parties, escrow_
     base = {"network": "Preprod", "agentIdentifier": service_id, "input_data": {"text": "hi"}}
     hostile = {
         "agentIdentifier": [arabic_indic(service_id), int(uuid.UUID(service_id)), service_id + "\x00",
-                            "x" * 100_000, service_id.replace("a", "\u0430")],  # Cyrillic a
+                            "x" * 100_000, service_id[:-1] + "\u0430"],  # a Cyrillic a (ends any id)
         "identifierFromPurchaser": ["a\x00b", "a" * 251, 5],
         "metadata": ["\x00", 5],
         "inputHash": ["A" * 64, "0x" + "a" * 64, "a" * 63, arabic_indic("1" * 64)],
