@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
@@ -45,6 +46,8 @@ _PROPOSED_DATA = ("uint256", "uint256", "bytes32", "uint64")
 # EIP-3009's event of an authorization revoked by its authorizer (USDC's, and the dev chain's MockUSDC's).
 _AUTHORIZATION_CANCELED = keccak(text="AuthorizationCanceled(address,bytes32)")
 _AUTHORIZATION_USED = keccak(text="AuthorizationUsed(address,bytes32)")
+# A JSON-RPC quantity: a uint256 at most, in hex (nodes answer lower case; some pad with zeros).
+_QUANTITY = re.compile(r"0x[0-9a-fA-F]{1,64}")
 _STATES = ("none", "active", "proposed", "disputed", "resolved", "settled", "reclaimed")
 
 
@@ -196,11 +199,11 @@ class ChainReader:
             raise MalformedAnswer(f"eth_call: not hex data: {str(result)[:100]!r}") from None
 
     def _quantity(self, method: str, value: Any) -> int:
-        """A JSON-RPC quantity (0x-hex) the node answered `method` with."""
-        try:
-            return int(value, 16)
-        except (TypeError, ValueError):
-            raise MalformedAnswer(f"{method}: not a hex number: {str(value)[:100]!r}") from None
+        """A JSON-RPC quantity the node answered `method` with: "0x" and at most 64 ASCII hex digits. int(x, 16)
+        alone read a decimal "2105" as 0x2105, and took a sign, underscores, spaces and other scripts' digits."""
+        if not isinstance(value, str) or not _QUANTITY.fullmatch(value):
+            raise MalformedAnswer(f"{method}: not a hex number: {str(value)[:100]!r}")
+        return int(value, 16)
 
     def chain_id(self) -> int:
         return self._quantity("eth_chainId", self._rpc("eth_chainId", []))

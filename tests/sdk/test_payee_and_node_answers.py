@@ -302,6 +302,25 @@ def test_a_block_number_that_does_not_decode_is_a_malformed_answer(read, result)
     reader.close()
 
 
+@pytest.mark.parametrize("quantity", ["2105", "-0x1", "+0x10", "0x1_0", " 0x10", "0x10\n", "0x\uff11\uff10", "0X10",
+                                      "0x", "0x" + "f" * 65],
+                         ids=["decimal", "negative", "signed", "underscored", "spaced", "newline", "fullwidth digits",
+                              "capital x", "no digits", "past uint256"])
+@pytest.mark.parametrize("read", [
+    pytest.param(ChainReader.chain_id, id="chain id"),
+    pytest.param(ChainReader.block_number, id="block number"),
+    pytest.param(ChainReader.now, id="clock"),
+])
+def test_a_quantity_in_other_spellings_than_json_rpc_hex_is_a_malformed_answer(read, quantity):
+    """A node's quantities were int(x, 16) of its answer: a decimal "2105" read as 0x2105, "-0x1" as -1 (a head
+    before genesis, every escrow read as never activated), underscores, spaces, a sign and digits of other scripts
+    as the number they spell. A JSON-RPC quantity is "0x" and at most 64 hex digits."""
+    reader = node_answering({"timestamp": quantity} if read is ChainReader.now else quantity)
+    with pytest.raises(MalformedAnswer):
+        read(reader)
+    reader.close()
+
+
 def test_an_activation_package_whose_permit_nonce_is_no_uint256_is_refused():
     """A permit nonce of 2**256 in the package raised ValueError from the typed-data builder, not SigningRefused."""
     package, terms = honest_package()
