@@ -56,6 +56,7 @@ from datetime import date, datetime
 from typing import Any, TypeVar
 
 import httpx
+from x402.http import decode_payment_signature_header
 
 from sdk import typed_data
 from sdk.activation import sign_activation_package
@@ -75,7 +76,7 @@ from sdk.x402_signing import build_direct_stablecoin_agreement, new_authorizatio
 
 T = TypeVar("T")
 
-__all__ = ["AgreementFailed", "ListingTooLong", "MarketplaceClient", "MarketplaceError", "NotConfigured",
+__all__ = ["AgreementFailed", "InvocationMismatch", "ListingTooLong", "MarketplaceClient", "MarketplaceError", "NotConfigured",
            "PaymentAuthorizationUsed"]
 
 AgreementId = str | uuid.UUID
@@ -1314,25 +1315,28 @@ class MarketplaceClient:
                 with self._lock:  # a concurrent repeat that signed first: its payment is the one sent
                     signed = _remembered(self._skill_payments, idempotency_key, signed)
                 signed.check_repeat(call, idempotency_key)
-        answer = _answered(self._send_skill_payment(path, body, signed.payment_header), where="skill answer")
+        answer = _answered(self._send_skill_payment(path, body, signed), where="skill answer")
+        if "result" in answer:  # what the payment bought: a sync skill's answer, or an invocation a repeat learnt
+            signed.check_amount(answer, where="skill answer")
         # A sync skill's answer holds its result; an async one's does not (read once ended), and the invocation a
         # repeat learns may still run.
         running = "result" not in answer or answer.get("status", "completed") not in _INVOCATION_ENDED
         if "invocation_id" in answer and running and wait:
-            return self.wait_for_invocation(answer["invocation_id"], timeout=timeout, poll_interval=poll_interval)
+            return signed.check_invocation(self.wait_for_invocation(answer["invocation_id"], timeout=timeout,
+                                                                    poll_interval=poll_interval))
         return answer
 
-    def _send_skill_payment(self, path: str, body: Mapping[str, Any], payment_header: str) -> dict[str, Any]:
+    def _send_skill_payment(self, path: str, body: Mapping[str, Any], signed: _SignedSkillCall) -> dict[str, Any]:
         """The paid POST, retried with the same header; a payment the marketplace took already (an earlier attempt's
-        answer lost) reads the invocation it bought."""
+        answer lost) reads the invocation it bought, which must be of the call paid."""
         def send() -> dict[str, Any]:
-            response = self._http.request("POST", path, json=body, headers={"X-PAYMENT": payment_header})
+            response = self._http.request("POST", path, json=body, headers={"X-PAYMENT": signed.payment_header})
             if response.is_success:
                 return json_answer(response)
             error = MarketplaceError.from_response(response)
             bought = error.details.get("invocation_id")
             if error.code == "authorization_already_used" and isinstance(bought, str) and bought:
-                return self.get_invocation(bought)
+                return signed.check_invocation(self.get_invocation(bought))
             raise error
 
         return self._retrying(send, attempts=self._retries + 1, transient=lambda error: error.transient)
@@ -1494,6 +1498,15 @@ class _SignedPurchase:
                              "another permit or authorization nonce): a repeat re-sends the payment signed then")
 
 
+class InvocationMismatch(UnexpectedAnswer):
+    """An answer to a paid skill call names another call than the one paid (another seller or skill, another amount):
+    `field` the first difference, `expected` the call's, `received` the marketplace's. The payment was sent."""
+
+    def __init__(self, field: str, expected: Any, received: Any):
+        self.field, self.expected, self.received = field, expected, received
+        super().__init__(f"{field} is {str(received)[:100]!r}, not the paid call's {expected!r}")
+
+
 @dataclass(frozen=True)
 class _SkillCall:
     """What a caller asked `invoke_skill` for: a repeat of its idempotency key must ask for the same."""
@@ -1516,6 +1529,30 @@ class _SignedSkillCall:
         if call != self.call:
             raise ValueError(f"idempotency_key {idempotency_key!r} was used for another skill call (skill, input, "
                              "wallet or max_amount_atomic): a repeat re-sends the payment signed then")
+
+    @property
+    def amount_atomic(self) -> int:
+        """The amount the payment header authorizes (the SDK signed it, so it reads)."""
+        return int(decode_payment_signature_header(self.payment_header).payload["authorization"]["value"])
+
+    def check_amount(self, answer: Mapping[str, Any], *, where: str) -> None:
+        """`answer` (a sync skill's, or an invocation) states the payment of the amount signed, else
+        `InvocationMismatch`: a cheaper call's result passed for this one's."""
+        payment = answer.get("payment")
+        stated = payment.get("amount_atomic") if isinstance(payment, Mapping) else None
+        if isinstance(stated, bool) or stated != self.amount_atomic:
+            raise InvocationMismatch(f"{where}.payment.amount_atomic", self.amount_atomic, stated)
+
+    def check_invocation(self, invocation: dict[str, Any]) -> dict[str, Any]:
+        """`invocation` (`GET /services/{id}`, an id the marketplace named after the payment) is of the call paid:
+        its skill, its seller (when the call named it by handle; by its ID, the record names the handle only) and
+        the amount signed; else `InvocationMismatch`, naming the field."""
+        expected = {"skill": self.call.skill} | ({} if _is_uuid(self.call.handle) else {"agent": self.call.handle})
+        for name, value in expected.items():
+            if invocation.get(name) != value:
+                raise InvocationMismatch(f"invocation.{name}", value, invocation.get(name))
+        self.check_amount(invocation, where="invocation")
+        return invocation
 
 
 @dataclass(frozen=True)
@@ -1691,6 +1728,14 @@ def _remembered(store: OrderedDict[Any, T], key: Any, value: T, *, replace: bool
     while len(store) > _PROPOSALS_REMEMBERED:
         store.popitem(last=False)
     return value
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _proposal_key(agreement_id: Any) -> str:

@@ -10,11 +10,13 @@ import httpx
 import pytest
 from x402.http import decode_payment_signature_header
 
-from sdk import MarketplaceClient, MarketplaceError
+from sdk import InvocationMismatch, MarketplaceClient, MarketplaceError
 from tests.sdk.test_signing_bounds import KEY, NETWORK, payment_required
 
 INVOCATION_ID = "inv_1"
-COMPLETED = {"invocation_id": INVOCATION_ID, "status": "completed", "result": {"translation": "bonjour"}}
+PAID = {"amount": "0.02", "amount_atomic": 20000}  # the 402's amount (tests.sdk.test_signing_bounds.payment_required)
+COMPLETED = {"invocation_id": INVOCATION_ID, "agent": "seller", "skill": "translate", "status": "completed",
+             "result": {"translation": "bonjour"}, "payment": PAID}
 
 
 class SkillMarketplace:
@@ -22,9 +24,11 @@ class SkillMarketplace:
     the marketplace having taken the payment; a payment it took answered, as the marketplace does, 402
     `authorization_already_used` naming the invocation it bought. `paid_answer` overrides the first paid answer."""
 
-    def __init__(self, dropped: int = 1, paid_answer: httpx.Response | None = None):
+    def __init__(self, dropped: int = 1, paid_answer: httpx.Response | None = None,
+                 invocation: dict[str, Any] = COMPLETED):
         self.dropped = dropped
         self.paid_answer = paid_answer
+        self.invocation = invocation
         self.payments: list[str] = []  # every X-PAYMENT header received
 
     def nonces(self) -> set[str]:
@@ -33,7 +37,7 @@ class SkillMarketplace:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == f"/services/{INVOCATION_ID}":
-            return httpx.Response(200, json=COMPLETED)
+            return httpx.Response(200, json=self.invocation)
         payment = request.headers.get("X-PAYMENT")
         if payment is None:
             return httpx.Response(402, headers={"PAYMENT-REQUIRED": payment_required()},
@@ -48,7 +52,8 @@ class SkillMarketplace:
         if taken:
             return httpx.Response(402, json={"error": "authorization_already_used", "message": "executed once",
                                              "details": {"invocation_id": INVOCATION_ID}})
-        return httpx.Response(200, json={"result": {"translation": "bonjour"}, "payment": {"amount": "0.02"}})
+        return httpx.Response(200, json={"invocation_id": INVOCATION_ID, "result": {"translation": "bonjour"},
+                                         "payment": PAID})
 
 
 def invoke(marketplace: SkillMarketplace, **options: Any) -> dict[str, Any]:
@@ -113,3 +118,34 @@ def test_an_unlost_paid_answer_is_returned_as_before():
 
     assert answer["result"] == {"translation": "bonjour"}
     assert len(marketplace.payments) == 1
+
+
+@pytest.mark.parametrize(("field", "named"), [
+    ("skill", {**COMPLETED, "skill": "summarize"}),
+    ("agent", {**COMPLETED, "agent": "another-seller"}),
+    ("payment.amount_atomic", {**COMPLETED, "payment": {**PAID, "amount_atomic": 1}}),
+], ids=["another skill", "another seller", "another amount"])
+@pytest.mark.parametrize("dropped", [1, 0], ids=["already used names it", "async answer names it"])
+def test_an_invocation_of_another_call_than_the_one_paid_is_not_returned(field, named, dropped):
+    """The invocation the marketplace names after the payment (a lost answer's retry answered 402
+    `authorization_already_used` with its id, or an async call's id awaited) was returned as it came: a compromised
+    marketplace had the buyer take the result of another seller's or skill's call, or of a cheaper one, for the
+    call it paid."""
+    paid_answer = None if dropped else httpx.Response(202, json={"invocation_id": INVOCATION_ID, "status": "pending"})
+    marketplace = SkillMarketplace(dropped=dropped, paid_answer=paid_answer, invocation=named)
+
+    with pytest.raises(InvocationMismatch) as refusal:
+        invoke(marketplace)
+
+    assert refusal.value.field == f"invocation.{field}"
+    assert len(marketplace.nonces()) == 1
+
+
+def test_a_sync_answer_for_another_amount_than_paid_is_not_returned():
+    marketplace = SkillMarketplace(dropped=0, paid_answer=httpx.Response(200, json={
+        "invocation_id": INVOCATION_ID, "result": {"translation": "bonjour"}, "payment": {**PAID, "amount_atomic": 1}}))
+
+    with pytest.raises(InvocationMismatch) as refusal:
+        invoke(marketplace)
+
+    assert refusal.value.field == "skill answer.payment.amount_atomic"
