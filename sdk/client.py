@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import threading
 import time
@@ -82,6 +83,8 @@ __all__ = ["AgreementFailed", "InvocationMismatch", "ListingTooLong", "Marketpla
 AgreementId = str | uuid.UUID
 
 _USER_AGENT = f"agent-escrow-marketplace-sdk/{VERSION}"
+# What an API key may hold: visible ASCII (a header value without whitespace or controls).
+_API_KEY = re.compile(r"[!-~]*")
 # What the server may answer differently a moment later, without anything having happened.
 _TRANSIENT_STATUSES = frozenset({503})
 _TRANSIENT_CODES = frozenset({"idempotency_in_progress"})
@@ -233,6 +236,7 @@ class MarketplaceClient:
                  deadline: float = DEFAULT_DEADLINE_SECONDS, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
                  rpc_clock_lead: float = RPC_CLOCK_LEAD_MAX_SECONDS, allow_insecure_http: bool = False):
         require_https(base_url, what="base_url", allow_insecure_http=allow_insecure_http)
+        _check_api_key(api_key)
         self._http = BoundedHttp(
             deadline=deadline, max_answer_bytes=max_answer_bytes, base_url=base_url, timeout=timeout,
             transport=transport,
@@ -1728,6 +1732,15 @@ def _remembered(store: OrderedDict[Any, T], key: Any, value: T, *, replace: bool
     while len(store) > _PROPOSALS_REMEMBERED:
         store.popitem(last=False)
     return value
+
+
+def _check_api_key(api_key: str) -> None:
+    """Refuse (ValueError) a key no header carries, its text left out: httpx's refusal of the header, sent as it came
+    (a key read from a file keeps its newline), quoted the key whole into the agent's logs."""
+    if not _API_KEY.fullmatch(api_key):
+        position = next(index for index, character in enumerate(api_key) if not _API_KEY.fullmatch(character))
+        raise ValueError(f"api_key holds a character no HTTP header carries as sent (at {position} of "
+                         f"{len(api_key)}: whitespace, a control or a non-ASCII character); strip it")
 
 
 def _is_uuid(value: str) -> bool:

@@ -674,6 +674,20 @@ def test_the_rpc_urls_api_key_is_never_in_an_sdk_error(failure, keyed):
     assert "127.0.0.1" in str(outcome.error) or failure == "refuses connections"  # still says which node failed
 
 
+@pytest.mark.parametrize("api_key", ["mk_SECRET-KEY\n", "mk_SECRET-KEY\r\nX-Forwarded-For: 1.2.3.4", "mk_SECRET\x00-KEY",
+                                     "mk_SECRET-K\u00c9Y"],
+                         ids=["trailing newline", "header injected", "nul", "not ascii"])
+def test_an_api_key_no_header_can_carry_is_refused_without_its_text(http_server, api_key):
+    """An API key read from a file with its newline (or any control character) was sent as it came: h11 refused the
+    header, and httpx's LocalProtocolError ("Illegal header value b'Bearer mk_...'") carried the key whole into the
+    agent's logs, after three attempts. It is refused before anything is sent, its text left out."""
+    with pytest.raises(ValueError) as refusal:
+        MarketplaceClient(http_server.url, api_key).me()
+    shown = "".join(traceback.format_exception(refusal.value))
+    assert "SECRET" not in shown, shown
+    assert http_server.requests == []
+
+
 @pytest.mark.parametrize("charset", ["punycode", "bz2", "zlib"])
 def test_a_refusals_text_in_a_charset_that_is_no_text_coding_is_a_marketplace_error_within_the_deadline(charset):
     """A refusal that is not the API's JSON keeps its text, decoded as its `Content-Type` charset said: Python's
