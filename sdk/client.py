@@ -77,7 +77,7 @@ from sdk.x402_signing import build_direct_stablecoin_agreement, new_authorizatio
 
 T = TypeVar("T")
 
-__all__ = ["AgreementFailed", "InvocationMismatch", "ListingTooLong", "MarketplaceClient", "MarketplaceError", "NotConfigured",
+__all__ = ["AgreementFailed", "AnswerMismatch", "ListingTooLong", "MarketplaceClient", "MarketplaceError", "NotConfigured",
            "PaymentAuthorizationUsed"]
 
 AgreementId = str | uuid.UUID
@@ -85,6 +85,7 @@ AgreementId = str | uuid.UUID
 _USER_AGENT = f"agent-escrow-marketplace-sdk/{VERSION}"
 # What an API key may hold: visible ASCII (a header value without whitespace or controls).
 _API_KEY = re.compile(r"[!-~]*")
+_BYTES32_HEX = re.compile(r"(0x)?[0-9a-fA-F]{1,64}")
 # What the server may answer differently a moment later, without anything having happened.
 _TRANSIENT_STATUSES = frozenset({503})
 _TRANSIENT_CODES = frozenset({"idempotency_in_progress"})
@@ -1188,14 +1189,21 @@ class MarketplaceClient:
         return _answered(locked, "data", where="lock-funds answer", kind=Mapping)
 
     def get_purchase(self, blockchain_identifier: str, *, network: str = "Preprod") -> dict[str, Any]:
+        """The purchase `blockchain_identifier` names (as the number its hex spells, as the marketplace reads it); a
+        listing answering another is `AnswerMismatch` on "purchase.blockchainIdentifier"."""
         page = self._request("GET", "/purchase", params={"network": network,
                                                          "blockchainIdentifier": blockchain_identifier})
-        return _answered(page, "data", "Purchases", 0, where="purchase listing", kind=Mapping)
+        purchase: dict[str, Any] = _answered(page, "data", "Purchases", 0, where="purchase listing", kind=Mapping)
+        stated = purchase.get("blockchainIdentifier")
+        if _hex_number(stated) is None or _hex_number(stated) != _hex_number(blockchain_identifier):
+            raise AnswerMismatch("purchase.blockchainIdentifier", blockchain_identifier, stated)
+        return purchase
 
     def wait_for_purchase(self, blockchain_identifier: str, *,
                           states: Collection[str] = frozenset({"ResultSubmitted"}), network: str = "Preprod",
                           timeout: float = 300.0, poll_interval: float = 2.0,
-                          buyer_wallet_address: str | None = None) -> dict[str, Any]:
+                          buyer_wallet_address: str | None = None,
+                          agreement_id: AgreementId | None = None) -> dict[str, Any]:
         """Poll the purchase until its `onChainState` is one of `states` (e.g. ResultSubmitted: `result` holds the
         job's output); `TimeoutError` after `timeout` seconds.
 
@@ -1205,7 +1213,10 @@ class MarketplaceClient:
         Withdrawn and DisputedWithdrawn: settled; RefundWithdrawn: reclaimed, or settled paying the seller nothing),
         else the wait goes on to its `TimeoutError`: "RefundWithdrawn" while a settlement was proposed had the buyer
         let its window close. The escrow is the buyer's as `wait_until` reads it (`buyer_wallet_address`, else the wallet this
-        client bought with, else the agreement's stated buyer, for its stated terms)."""
+        client bought with, else the agreement's stated buyer, for its stated terms), of the purchase's agreement: the
+        one `blockchain_identifier` names as its escrow id, or `agreement_id` (the `agreementId`
+        `purchase_masumi_job` returned; a purchase paying a seller's payment request is named by the request's id),
+        which the purchase must name. A listing naming another purchase than asked for is `AnswerMismatch`."""
         checked = self._chain is not None and self._network is not None
 
         def reached(purchase: dict[str, Any]) -> bool:
@@ -1213,7 +1224,8 @@ class MarketplaceClient:
             if state not in states:
                 return False
             shown = _MASUMI_ONCHAIN_STATES.get(str(state))
-            return not checked or shown is None or self._purchase_shown(purchase, shown, buyer_wallet_address)
+            return not checked or shown is None or self._purchase_shown(purchase, shown, buyer_wallet_address,
+                                                                        agreement_id)
 
         return self._poll(lambda: self.get_purchase(blockchain_identifier, network=network), reached,
                           timeout=timeout,
@@ -1222,11 +1234,19 @@ class MarketplaceClient:
                               f"{timeout:g} s, waiting for {', '.join(sorted(states))}"
                               + (" shown on-chain by the buyer's RPC" if checked else "")))
 
-    def _purchase_shown(self, purchase: Mapping[str, Any], shown: frozenset[str], given_buyer: str | None) -> bool:
+    def _purchase_shown(self, purchase: Mapping[str, Any], shown: frozenset[str], given_buyer: str | None,
+                        given_agreement_id: AgreementId | None) -> bool:
         """Whether the escrow of the purchase's agreement, through the buyer's RPC, is in one of the `shown` states
-        (RefundWithdrawn's "settled" paying the seller nothing)."""
+        (RefundWithdrawn's "settled" paying the seller nothing). The agreement must be the one the buyer names, else
+        the one the purchase's blockchainIdentifier is the escrow id of: the purchase's `agreementId` is the
+        marketplace's word, and another of the buyer's escrows would show its state for this purchase."""
         agreement_id = purchase.get("agreementId")
-        if not isinstance(agreement_id, str) or not agreement_id:
+        if not isinstance(agreement_id, str) or not agreement_id or not _is_uuid(agreement_id):
+            return False
+        if given_agreement_id is not None:
+            if uuid.UUID(agreement_id) != uuid.UUID(str(given_agreement_id)):
+                return False
+        elif _hex_number(purchase.get("blockchainIdentifier")) != uuid.UUID(agreement_id).int:
             return False
         agreement = self.get_agreement(agreement_id)
         if str(agreement.get("id")) != agreement_id:
@@ -1251,8 +1271,7 @@ class MarketplaceClient:
         `agreementId` `purchase_masumi_job` returned), which the marketplace's listing must name. Without it,
         `blockchain_identifier` must be that escrow's id (a purchase paying a seller's payment request is named
         by the request's id, so its refund needs `agreement_id`). Else `SigningRefused`, nothing signed."""
-        purchase = self.get_purchase(blockchain_identifier, network=network)
-        require_equal(purchase.get("blockchainIdentifier"), blockchain_identifier, "purchase.blockchainIdentifier")
+        purchase = self.get_purchase(blockchain_identifier, network=network)  # the one asked for, or AnswerMismatch
         purchase_agreement_id = _answered(purchase, "agreementId", where="purchase")
         if agreement_id is not None:
             require_equal(str(purchase_agreement_id), str(agreement_id), "purchase.agreementId")
@@ -1502,13 +1521,14 @@ class _SignedPurchase:
                              "another permit or authorization nonce): a repeat re-sends the payment signed then")
 
 
-class InvocationMismatch(UnexpectedAnswer):
-    """An answer to a paid skill call names another call than the one paid (another seller or skill, another amount):
-    `field` the first difference, `expected` the call's, `received` the marketplace's. The payment was sent."""
+class AnswerMismatch(UnexpectedAnswer):
+    """An answer names another object than the one asked or paid for (a paid skill call's invocation of another
+    seller, skill or amount; a purchase of another blockchainIdentifier): `field` the first difference, `expected`
+    the caller's, `received` the marketplace's."""
 
     def __init__(self, field: str, expected: Any, received: Any):
         self.field, self.expected, self.received = field, expected, received
-        super().__init__(f"{field} is {str(received)[:100]!r}, not the paid call's {expected!r}")
+        super().__init__(f"{field} is {str(received)[:100]!r}, not the {expected!r} asked or paid for")
 
 
 @dataclass(frozen=True)
@@ -1541,20 +1561,20 @@ class _SignedSkillCall:
 
     def check_amount(self, answer: Mapping[str, Any], *, where: str) -> None:
         """`answer` (a sync skill's, or an invocation) states the payment of the amount signed, else
-        `InvocationMismatch`: a cheaper call's result passed for this one's."""
+        `AnswerMismatch`: a cheaper call's result passed for this one's."""
         payment = answer.get("payment")
         stated = payment.get("amount_atomic") if isinstance(payment, Mapping) else None
         if isinstance(stated, bool) or stated != self.amount_atomic:
-            raise InvocationMismatch(f"{where}.payment.amount_atomic", self.amount_atomic, stated)
+            raise AnswerMismatch(f"{where}.payment.amount_atomic", self.amount_atomic, stated)
 
     def check_invocation(self, invocation: dict[str, Any]) -> dict[str, Any]:
         """`invocation` (`GET /services/{id}`, an id the marketplace named after the payment) is of the call paid:
         its skill, its seller (when the call named it by handle; by its ID, the record names the handle only) and
-        the amount signed; else `InvocationMismatch`, naming the field."""
+        the amount signed; else `AnswerMismatch`, naming the field."""
         expected = {"skill": self.call.skill} | ({} if _is_uuid(self.call.handle) else {"agent": self.call.handle})
         for name, value in expected.items():
             if invocation.get(name) != value:
-                raise InvocationMismatch(f"invocation.{name}", value, invocation.get(name))
+                raise AnswerMismatch(f"invocation.{name}", value, invocation.get(name))
         self.check_amount(invocation, where="invocation")
         return invocation
 
@@ -1741,6 +1761,13 @@ def _check_api_key(api_key: str) -> None:
         position = next(index for index, character in enumerate(api_key) if not _API_KEY.fullmatch(character))
         raise ValueError(f"api_key holds a character no HTTP header carries as sent (at {position} of "
                          f"{len(api_key)}: whitespace, a control or a non-ASCII character); strip it")
+
+
+def _hex_number(value: Any) -> int | None:
+    """The number a blockchainIdentifier spells (hex, "0x" or not, a bytes32 at most); None when it spells none."""
+    if not isinstance(value, str) or not _BYTES32_HEX.fullmatch(value):
+        return None
+    return int(value.removeprefix("0x"), 16)
 
 
 def _is_uuid(value: str) -> bool:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from eth_account import Account
 
-from sdk import MarketplaceClient, receipts
+from sdk import AnswerMismatch, MarketplaceClient, receipts
 from sdk.onchain import ChainReader, OnchainEscrow
 from sdk.terms import stated_terms_hash
 from tests.sdk.test_receipts import _signed_listing
@@ -195,6 +195,37 @@ def test_wait_for_purchase_returns_a_state_the_buyers_rpc_shows(monkeypatch, sta
         purchase = client.wait_for_purchase(agreement["onchain_id"].removeprefix("0x"), states={state}, timeout=5,
                                             poll_interval=0.05)
     assert purchase["onChainState"] == state
+
+
+@pytest.mark.parametrize("rpc", [True, False], ids=["with the buyers rpc", "without"])
+def test_wait_for_purchase_answered_with_another_purchase_is_refused(monkeypatch, rpc):
+    """The purchase listing asked for one blockchainIdentifier was read as that purchase whatever it named: a
+    compromised marketplace answered the buyer's earlier purchase (its result submitted, its escrow proposed
+    on-chain) for the job just bought, and the buyer took that result for this job's."""
+    agreement = _agreement(str(uuid.uuid4()), "active")
+    asked = uuid.uuid4().hex.rjust(64, "0")
+    purchase = {"blockchainIdentifier": agreement["onchain_id"].removeprefix("0x"), "agreementId": agreement["id"],
+                "onChainState": "ResultSubmitted"}
+    with _client(monkeypatch, agreement, _escrow_of(agreement, "proposed"), rpc=rpc, purchase=purchase) as client:
+        with pytest.raises(AnswerMismatch) as refusal:
+            client.wait_for_purchase(asked, timeout=5, poll_interval=0.05)
+    assert refusal.value.field == "purchase.blockchainIdentifier"
+
+
+def test_wait_for_purchase_holds_the_state_to_the_escrow_of_the_purchase_asked_for(monkeypatch):
+    """The purchase asked for, naming as its `agreementId` another of the buyer's agreements (one whose escrow is
+    proposed on-chain): with the buyer's RPC, that escrow was read as the purchase's, and "ResultSubmitted" taken
+    as shown. The agreement must be the purchase's escrow (its id the blockchainIdentifier), or the one the buyer
+    names (`agreement_id=`, a purchase paying a seller's payment request), else the wait goes on."""
+    agreement = _agreement(str(uuid.uuid4()), "active")
+    asked = uuid.uuid4().hex.rjust(64, "0")
+    purchase = {"blockchainIdentifier": asked, "agreementId": agreement["id"], "onChainState": "ResultSubmitted"}
+    with _client(monkeypatch, agreement, _escrow_of(agreement, "proposed"), purchase=purchase) as client:
+        client._remember_buyer(agreement["id"], BUYER)
+        with pytest.raises(TimeoutError, match="on-chain"):
+            client.wait_for_purchase(asked, timeout=0.3, poll_interval=0.05)
+        assert client.wait_for_purchase(asked, agreement_id=agreement["id"], timeout=5,
+                                        poll_interval=0.05) == purchase
 
 
 # --- a direct purchase's payment ----------------------------------------------------------------------------------

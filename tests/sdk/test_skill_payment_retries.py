@@ -10,7 +10,7 @@ import httpx
 import pytest
 from x402.http import decode_payment_signature_header
 
-from sdk import InvocationMismatch, MarketplaceClient, MarketplaceError
+from sdk import AnswerMismatch, MarketplaceClient, MarketplaceError
 from tests.sdk.test_signing_bounds import KEY, NETWORK, payment_required
 
 INVOCATION_ID = "inv_1"
@@ -134,7 +134,7 @@ def test_an_invocation_of_another_call_than_the_one_paid_is_not_returned(field, 
     paid_answer = None if dropped else httpx.Response(202, json={"invocation_id": INVOCATION_ID, "status": "pending"})
     marketplace = SkillMarketplace(dropped=dropped, paid_answer=paid_answer, invocation=named)
 
-    with pytest.raises(InvocationMismatch) as refusal:
+    with pytest.raises(AnswerMismatch) as refusal:
         invoke(marketplace)
 
     assert refusal.value.field == f"invocation.{field}"
@@ -145,7 +145,7 @@ def test_a_sync_answer_for_another_amount_than_paid_is_not_returned():
     marketplace = SkillMarketplace(dropped=0, paid_answer=httpx.Response(200, json={
         "invocation_id": INVOCATION_ID, "result": {"translation": "bonjour"}, "payment": {**PAID, "amount_atomic": 1}}))
 
-    with pytest.raises(InvocationMismatch) as refusal:
+    with pytest.raises(AnswerMismatch) as refusal:
         invoke(marketplace)
 
     assert refusal.value.field == "skill answer.payment.amount_atomic"
