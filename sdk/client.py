@@ -419,6 +419,16 @@ class MarketplaceClient:
         return self._request("POST", f"/usage-agreements/{agreement_id}/cancel", json={"reason": reason})
 
     def get_agreement(self, agreement_id: AgreementId) -> dict[str, Any]:
+        """The agreement `agreement_id` names (its UUID however spelled); an answer naming another is `AnswerMismatch`
+        on "agreement.id": another of the buyer's agreements, its escrow funded, passed for this one."""
+        agreement = self._agreement_as_answered(agreement_id)
+        if _proposal_key(agreement.get("id")) != _proposal_key(agreement_id):
+            raise AnswerMismatch("agreement.id", str(agreement_id), agreement.get("id"))
+        return agreement
+
+    def _agreement_as_answered(self, agreement_id: AgreementId) -> dict[str, Any]:
+        """The agreement answered for `agreement_id`, whichever it names: a signing compares the id itself (and
+        refuses another, `SigningRefused`)."""
         return _answered(self._request("GET", f"/usage-agreements/{agreement_id}"), where="agreement")
 
     def list_agreements(self, *, status: str | None = None, role: str | None = None, page_size: int = 20,
@@ -1163,7 +1173,7 @@ class MarketplaceClient:
             "network": network, "agentIdentifier": str(agent_identifier), "input_data": input_data,
             **purchase_fields}, idempotency_key=key), "data", where="purchase", kind=Mapping)
         agreement_id = _answered(created, "agreementId", where="purchase.data")
-        agreement = self.get_agreement(agreement_id)
+        agreement = self._agreement_as_answered(agreement_id)
         require_equal(str(_answered(agreement, "id", where="agreement")), str(agreement_id), "agreement.id")
         require_equal(_answered(agreement, "service", "id", where="agreement"), str(agent_identifier),
                       "agreement.service.id")
@@ -1248,7 +1258,7 @@ class MarketplaceClient:
                 return False
         elif _hex_number(purchase.get("blockchainIdentifier")) != uuid.UUID(agreement_id).int:
             return False
-        agreement = self.get_agreement(agreement_id)
+        agreement = self._agreement_as_answered(agreement_id)
         if str(agreement.get("id")) != agreement_id:
             return False
         buyer, stated_buyer = self._escrow_buyer(agreement_id, agreement, given_buyer)
@@ -1280,7 +1290,7 @@ class MarketplaceClient:
                 len(unlock_time) > _UNIX_MILLISECONDS_MAX_DIGITS):  # longer: no time, and past what int() reads
             raise DeadlineOutOfRange("unlockTime", "unix milliseconds", unlock_time[:40] if isinstance(
                 unlock_time, str) else unlock_time)
-        agreement = self.get_agreement(purchase_agreement_id)
+        agreement = self._agreement_as_answered(purchase_agreement_id)
         require_equal(str(agreement.get("id")), str(purchase_agreement_id), "agreement.id")
         onchain_id = check_onchain_id(agreement)
         if agreement_id is None:

@@ -136,6 +136,20 @@ def test_wait_until_returns_a_status_the_buyers_rpc_shows(monkeypatch, status, o
         assert client.wait_until(agreement_id, statuses={status}, timeout=5, poll_interval=0.05)["status"] == status
 
 
+@pytest.mark.parametrize("rpc", [True, False], ids=["with the buyers rpc", "without"])
+def test_wait_until_answered_with_another_agreement_is_refused(monkeypatch, rpc):
+    """`GET /usage-agreements/{id}` was read as that agreement whatever it named: a compromised marketplace
+    answered another of the buyer's agreements, active with its escrow funded on-chain, for one never funded, and
+    `wait_until` returned "active" as the buyer's RPC showed it (the escrow read was the other agreement's)."""
+    funded = _agreement(str(uuid.uuid4()), "active")
+    never_funded = str(uuid.uuid4())
+    with _client(monkeypatch, funded, _escrow_of(funded, "active"), rpc=rpc) as client:
+        with pytest.raises(AnswerMismatch) as refusal:
+            client.wait_until(never_funded, timeout=5, poll_interval=0.05)
+        assert client.wait_until(funded["id"].upper(), timeout=5, poll_interval=0.05) == funded  # however spelled
+    assert refusal.value.field == "agreement.id"
+
+
 def test_escrow_status_verified_is_the_buyers_rpcs_read_not_the_marketplaces_claim(monkeypatch):
     """`escrow_status(verify=True)` ("adds the contract's own view") returned the marketplace's `onchain` record as
     the contract's: a compromised marketplace claimed an active escrow of the full deposit, its receipt signer a key of
