@@ -1375,7 +1375,13 @@ class MarketplaceClient:
         return self._retrying(send, attempts=self._retries + 1, transient=lambda error: error.transient)
 
     def get_invocation(self, invocation_id: str) -> dict[str, Any]:
-        return _answered(self._request("GET", f"/services/{invocation_id}"), where="invocation")
+        """The invocation `invocation_id` names; an answer naming another is `AnswerMismatch` on
+        "invocation.invocation_id"."""
+        invocation: dict[str, Any] = _answered(self._request("GET", f"/services/{invocation_id}"),
+                                               where="invocation")
+        if invocation.get("invocation_id") != invocation_id:
+            raise AnswerMismatch("invocation.invocation_id", invocation_id, invocation.get("invocation_id"))
+        return invocation
 
     def wait_for_invocation(self, invocation_id: str, *, timeout: float = 300.0,
                             poll_interval: float = 1.0) -> dict[str, Any]:

@@ -121,10 +121,11 @@ def test_an_unlost_paid_answer_is_returned_as_before():
 
 
 @pytest.mark.parametrize(("field", "named"), [
+    ("invocation_id", {**COMPLETED, "invocation_id": "inv_2"}),
     ("skill", {**COMPLETED, "skill": "summarize"}),
     ("agent", {**COMPLETED, "agent": "another-seller"}),
     ("payment.amount_atomic", {**COMPLETED, "payment": {**PAID, "amount_atomic": 1}}),
-], ids=["another skill", "another seller", "another amount"])
+], ids=["another invocation", "another skill", "another seller", "another amount"])
 @pytest.mark.parametrize("dropped", [1, 0], ids=["already used names it", "async answer names it"])
 def test_an_invocation_of_another_call_than_the_one_paid_is_not_returned(field, named, dropped):
     """The invocation the marketplace names after the payment (a lost answer's retry answered 402
