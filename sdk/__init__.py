@@ -18,16 +18,16 @@ from sdk.activation import sign_activation_package  # noqa: E402
 from sdk.bounded_http import (AnswerRefused, AnswerTooLarge, DeadlineExceeded, InsecureUrl,  # noqa: E402
                                UndecodableAnswer, UnexpectedAnswer, UnrequestedEncoding)
 from sdk.bounded_json import InvalidJSON  # noqa: E402
-from sdk.client import (AgreementFailed, AnswerMismatch, ListingTooLong, MarketplaceClient, MarketplaceError,  # noqa: E402
-                        NotConfigured, PaymentAuthorizationCancelFailed, PaymentAuthorizationUsed)
+from sdk.client import (AgreementFailed, AnswerMismatch, ListingTooLong, MarketplaceClient,  # noqa: E402
+                        MarketplaceError, NotConfigured, PaymentAuthorizationCancelFailed, PaymentAuthorizationUsed)
 from sdk.networks import BASE, BASE_SEPOLIA, FeeSchedule, NetworkConfig, TokenDomain  # noqa: E402
 from sdk.safety import DeadlineOutOfRange, LocalWallet, SellerUnverified, SigningRefused, Wallet  # noqa: E402
 from sdk.terms import AgreedTerms  # noqa: E402
 from sdk.version import VERSION as __version__  # noqa: E402
 from sdk.wallet_proof import sign_wallet_proof  # noqa: E402
 
-__all__ = ["BASE", "BASE_SEPOLIA", "AgreedTerms", "AgreementFailed", "AnswerRefused", "AnswerTooLarge",
-           "DeadlineExceeded", "DeadlineOutOfRange", "FeeSchedule", "InsecureUrl", "InvalidJSON", "AnswerMismatch", "ListingTooLong", "LocalWallet",
+__all__ = ["BASE", "BASE_SEPOLIA", "AgreedTerms", "AgreementFailed", "AnswerMismatch", "AnswerRefused", "AnswerTooLarge",
+           "DeadlineExceeded", "DeadlineOutOfRange", "FeeSchedule", "InsecureUrl", "InvalidJSON", "ListingTooLong", "LocalWallet",
            "MarketplaceClient", "MarketplaceError", "NetworkConfig", "NotConfigured",
            "PaymentAuthorizationCancelFailed", "PaymentAuthorizationUsed", "SellerUnverified", "SigningRefused",
            "TokenDomain", "UndecodableAnswer", "UnexpectedAnswer", "UnrequestedEncoding", "Wallet", "__version__",

@@ -77,8 +77,8 @@ from sdk.x402_signing import build_direct_stablecoin_agreement, new_authorizatio
 
 T = TypeVar("T")
 
-__all__ = ["AgreementFailed", "AnswerMismatch", "ListingTooLong", "MarketplaceClient", "MarketplaceError", "NotConfigured",
-           "PaymentAuthorizationUsed"]
+__all__ = ["AgreementFailed", "AnswerMismatch", "ListingTooLong", "MarketplaceClient", "MarketplaceError",
+           "NotConfigured", "PaymentAuthorizationUsed"]
 
 AgreementId = str | uuid.UUID
 

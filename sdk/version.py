@@ -1,5 +1,19 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.20: get_agreement, get_purchase and get_invocation (and wait_until, escrow_status, wait_for_purchase,
+# wait_for_invocation, request_refund, invoke_skill through them) raise sdk.AnswerMismatch (an UnexpectedAnswer,
+# with field, expected, received) on an answer naming another agreement, purchase (blockchainIdentifier, compared as
+# the number it spells) or invocation than the one asked: another of the buyer's agreements, active on-chain, passed
+# for one never funded; invoke_skill returns an invocation the marketplace names after the payment only if it is of
+# the call paid (its skill, its seller when named by handle, payment.amount_atomic the amount signed; a sync answer's
+# amount too), else AnswerMismatch (the payment sent); wait_for_purchase takes agreement_id= and, with rpc_url,
+# reads the escrow of the agreement the purchase's blockchainIdentifier is the escrow id of, or of agreement_id
+# (a payment request's purchase), not any agreementId the marketplace writes; request_refund's purchase of another
+# identifier is AnswerMismatch (SigningRefused on purchase.blockchainIdentifier before, which also refused the same
+# identifier spelled otherwise); MarketplaceClient refuses an api_key holding whitespace, a control or a non-ASCII
+# character (ValueError, the key not quoted) before anything is sent: httpx's LocalProtocolError quoted it whole
+# (a key read from a file with its newline); ChainReader reads a quantity (chain id, block number, timestamp) only
+# as "0x" and 1 to 64 hex digits (MalformedAnswer): a decimal "2105" was read as 0x2105, "-0x1" as -1;
 # 0.4.19: sign_wallet_proof takes escrow_address= (the pinned NetworkConfig's) and signs the WalletProof in the domain
 # {name, version "2", chainId, verifyingContract: the deployment's escrow contract} (sdk.typed_data.wallet_proof
 # likewise): version "1" named no contract, and a proof a wallet gave one marketplace deployment was accepted by any
@@ -145,4 +159,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.19"
+VERSION = "0.4.20"
