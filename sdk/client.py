@@ -531,11 +531,16 @@ class MarketplaceClient:
                            where="agreement")
         sent.fee_permit.proposed = True
         if "id" in answer:
+            signed = (sent.payer, sent.authorization_nonce)
             with self._lock:
-                # The first purchase answered with this id keeps it: a later one answered with the same id (an
-                # idempotent replay, or a marketplace passing it off as another purchase) did not sign its payment.
-                _remembered(self._payment_authorizations, _proposal_key(answer["id"]),
-                            (sent.payer, sent.authorization_nonce))
+                # The first purchase answered with this id keeps it; a later one answered with the same id is its
+                # idempotent replay (the same authorization), or another purchase passed off as the first, whose
+                # payment `wait_until(..., "paid")` would have shown used on-chain for this one.
+                known = _remembered(self._payment_authorizations, _proposal_key(answer["id"]), signed)
+            if known != signed:
+                raise AnswerMismatch("agreement.id", f"an agreement of this purchase's own (its payment authorization "
+                                     f"{sent.authorization_nonce}, with the marketplace: revoke it on-chain)",
+                                     answer["id"])
         return answer
 
     def _check_fee_permit_nonce(self, owner: str, nonce: int) -> None:

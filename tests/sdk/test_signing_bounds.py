@@ -23,8 +23,8 @@ from eth_utils import keccak
 from x402 import PaymentRequired, PaymentRequirements
 from x402.http import decode_payment_signature_header, encode_payment_required_header
 
-from sdk import (AgreedTerms, MarketplaceClient, MarketplaceError, PaymentAuthorizationUsed, SellerUnverified,
-                 SigningRefused, TokenDomain, proxy_signature, typed_data)
+from sdk import (AgreedTerms, AnswerMismatch, MarketplaceClient, MarketplaceError, PaymentAuthorizationUsed,
+                 SellerUnverified, SigningRefused, TokenDomain, proxy_signature, typed_data)
 from sdk.activation import expected_activation
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
 from sdk.onchain import ChainReader, OnchainEscrow
@@ -1027,14 +1027,18 @@ class OneAgreementMarketplace(CancellingMarketplace):
         return answer
 
 
-def test_a_purchase_answered_with_an_earlier_ones_agreement_id_does_not_move_what_its_cancellation_revokes():
-    """A second purchase answered with the first's agreement id (an idempotent replay, or a marketplace passing one
-    purchase off as another): the nonce remembered for that agreement stays the first purchase's, so its
-    cancellation cannot be turned against the second's authorization."""
+def test_a_purchase_answered_with_an_earlier_ones_agreement_is_refused_and_moves_no_cancellation():
+    """A second purchase answered with the first's agreement id (a marketplace passing one purchase off as another)
+    was returned as that agreement: `wait_until(id, statuses={"paid"})` then showed the first purchase's payment used
+    through the buyer's RPC, and the buyer took the second as paid, its authorization (still valid, with the
+    marketplace) never revoked. It is `AnswerMismatch` naming the id; the nonce remembered for that agreement stays
+    the first purchase's, so its cancellation cannot be turned against the second's authorization."""
     marketplace = OneAgreementMarketplace()
     with direct_buyer(marketplace) as buyer:
-        first, again = buy_directly(buyer)
-        assert first == again
+        with pytest.raises(AnswerMismatch) as refusal:
+            buy_directly(buyer)
+        first = marketplace.first_id
+        assert refusal.value.field == "agreement.id" and refusal.value.received == first
         first_nonce, second_nonce = marketplace.signed
         marketplace.named = lambda agreement_id: second_nonce
         with pytest.raises(SigningRefused):
