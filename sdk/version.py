@@ -13,9 +13,10 @@
 # identifier spelled otherwise); MarketplaceClient refuses an api_key holding whitespace, a control or a non-ASCII
 # character (ValueError, the key not quoted) before anything is sent: httpx's LocalProtocolError quoted it whole
 # (a key read from a file with its newline); ChainReader reads a quantity (chain id, block number, timestamp) only
-# as "0x" and 1 to 64 hex digits (MalformedAnswer): a decimal "2105" was read as 0x2105, "-0x1" as -1; propose_direct_purchase
-# answered with the agreement of an earlier purchase this client signed (not its replay) raises AnswerMismatch on
-# agreement.id: wait_until(id, paid) showed the earlier payment used for it, the new authorization left unrevoked;
+# as "0x" and 1 to 64 hex digits (MalformedAnswer): a decimal "2105" was read as 0x2105, "-0x1" as -1;
+# propose_direct_purchase answered with the agreement of an earlier purchase this client signed (not its replay)
+# raises AnswerMismatch on agreement.id: wait_until(id, paid) showed the earlier payment used for it, the new
+# authorization left unrevoked;
 # 0.4.19: sign_wallet_proof takes escrow_address= (the pinned NetworkConfig's) and signs the WalletProof in the domain
 # {name, version "2", chainId, verifyingContract: the deployment's escrow contract} (sdk.typed_data.wallet_proof
 # likewise): version "1" named no contract, and a proof a wallet gave one marketplace deployment was accepted by any
