@@ -16,7 +16,9 @@
 # as "0x" and 1 to 64 hex digits (MalformedAnswer): a decimal "2105" was read as 0x2105, "-0x1" as -1;
 # propose_direct_purchase answered with the agreement of an earlier purchase this client signed (not its replay)
 # raises AnswerMismatch on agreement.id: wait_until(id, paid) showed the earlier payment used for it, the new
-# authorization left unrevoked;
+# authorization left unrevoked; a MarketplaceError's code and message, and an AgreementFailed's reason, are one line
+# of at most 500 characters, what is not printable shown as a space: a refusal's JSON text went whole into the
+# exception (and the agent's log), newlines and terminal escapes forging lines, 100 kB filling it;
 # 0.4.19: sign_wallet_proof takes escrow_address= (the pinned NetworkConfig's) and signs the WalletProof in the domain
 # {name, version "2", chainId, verifyingContract: the deployment's escrow contract} (sdk.typed_data.wallet_proof
 # likewise): version "1" named no contract, and a proof a wallet gave one marketplace deployment was accepted by any

@@ -13,6 +13,7 @@ import base64
 import functools
 import gc
 import gzip
+import json
 import logging
 import socket
 import subprocess
@@ -33,8 +34,8 @@ import httpx
 import pytest
 from eth_account import Account
 
-from sdk import (AnswerRefused, AnswerTooLarge, DeadlineExceeded, InsecureUrl, InvalidJSON, ListingTooLong,
-                 MarketplaceClient, MarketplaceError, UndecodableAnswer, UnrequestedEncoding)
+from sdk import (AgreementFailed, AnswerRefused, AnswerTooLarge, DeadlineExceeded, InsecureUrl, InvalidJSON,
+                 ListingTooLong, MarketplaceClient, MarketplaceError, UndecodableAnswer, UnrequestedEncoding)
 from sdk.client import LISTING_MAX_ITEMS
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
 from sdk.onchain import ChainReader, RpcError
@@ -686,6 +687,44 @@ def test_an_api_key_no_header_can_carry_is_refused_without_its_text(http_server,
     shown = "".join(traceback.format_exception(refusal.value))
     assert "SECRET" not in shown, shown
     assert http_server.requests == []
+
+
+FORGED_LINE = "\n2026-12-07 23:00:00 INFO agent: payment confirmed, seller paid"
+
+
+@pytest.mark.parametrize("body", [
+    {"error": {"code": "payment_failed", "message": "refused" + FORGED_LINE + "x" * 100_000}},
+    {"error": {"code": "payment_failed" + FORGED_LINE, "message": "refused"}},
+    {"error": "payment_failed", "message": "refused\u2028" + FORGED_LINE + "\x1b[2K" + "x" * 100_000},
+    "refused" + FORGED_LINE,
+], ids=["message", "code", "x402 message", "not json"])
+def test_a_refusals_text_is_one_bounded_line(body):
+    """A refusal's code and message were the marketplace's JSON as it came, of any length (only a refusal that was
+    not JSON kept 500 characters): a compromised marketplace forged lines in the agent's log (a newline, a line
+    separator, a terminal escape) and filled it (100 kB of message). Both are read as one line of at most
+    `_ERROR_TEXT_CHARS` characters, controls shown as spaces."""
+    content = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    client = MarketplaceClient("https://marketplace.example", "mk_test", retries=0, transport=httpx.MockTransport(
+        lambda request: httpx.Response(402, content=content,
+                                       headers={"Content-Type": "text/plain" if isinstance(body, str)
+                                                else "application/json"})))
+    with pytest.raises(MarketplaceError) as refusal:
+        client.me()
+    shown = str(refusal.value)
+    assert shown.isprintable() and len(shown) <= 1_100, (len(shown), shown[:200])
+    assert refusal.value.message.isprintable() and refusal.value.code.isprintable()
+    assert refusal.value.code.startswith(("payment_failed", "http_402"))
+
+
+def test_a_failed_agreements_reason_is_one_bounded_line():
+    """`AgreementFailed` showed the agreement's `status_reason` as the marketplace wrote it."""
+    failed = {"id": "a1", "status": "activation_failed", "status_reason": "reverted" + FORGED_LINE * 2_000}
+    client = MarketplaceClient("https://marketplace.example", "mk_test", transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, json=failed)))
+    with pytest.raises(AgreementFailed) as failure:
+        client.wait_until("a1", timeout=5)
+    assert str(failure.value).isprintable() and len(str(failure.value)) <= 1_100
+    assert failure.value.reason.isprintable() and failure.value.agreement == failed
 
 
 @pytest.mark.parametrize("charset", ["punycode", "bz2", "zlib"])
