@@ -53,7 +53,7 @@ from marketplace.errors import (ApplicationError, Conflict, Forbidden, InvalidIn
 from marketplace.logging import agreement_id_var
 from marketplace.middleware import SERVER_PATH_INFO
 from marketplace.serializers import error_responses
-from marketplace.throttling import agent_budget_key, client_address, windows_wait
+from marketplace.throttling import agent_budgets, client_address, windows_wait
 from sdk import proxy_signature
 
 logger = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ def _proxy_call(request, agreement_id, path: str):
     # Not reset here: django.request logs a failed call after the view returns; the middleware clears it.
     agreement_id_var.set(str(agreement_id))
     caller = agent_key_holder(request, scope=KeyScope.PAY)
-    wait = windows_wait([(agent_budget_key(scope, caller.agent_id), scope) for scope in ("api", "proxy")])
+    wait = windows_wait(agent_budgets(agent_id=caller.agent_id, owner_id=caller.owner_id, scopes=("api", "proxy")))
     if wait is not None:
         raise Throttled(wait)
     terms = selectors.agreement_for_call(agreement_id=agreement_id, agent_id=caller.agent_id)

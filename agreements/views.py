@@ -60,7 +60,7 @@ from marketplace import bounded_json
 from marketplace.errors import ApplicationError, InvalidInput, NotFound, api_exception_handler
 from marketplace.idempotency import HEADER as IDEMPOTENCY_HEADER
 from marketplace.idempotency import answer_once, fingerprint_of, idempotent, key_acceptable, shown_once
-from marketplace.throttling import agent_budget_key, windows_wait
+from marketplace.throttling import agent_budgets, windows_wait
 from marketplace.pagination import PageQuerySerializer, page_serializer, paginate
 from marketplace.parsers import plain_json_post
 from marketplace.serializers import SecretRotationSerializer, cents_of, error_responses
@@ -321,8 +321,8 @@ class RecordUsageView(APIView):
         self.args, self.kwargs, self.request, self.headers = args, kwargs, request, self.default_response_headers
         request.accepted_renderer, request.accepted_media_type = self.get_renderers()[0], "application/json"
         try:
-            wait = windows_wait([(agent_budget_key(scope, holder.agent_id), scope)
-                                 for scope in ("api", self.throttle_scope)])
+            wait = windows_wait(agent_budgets(agent_id=holder.agent_id, owner_id=holder.owner_id,
+                                              scopes=("api", self.throttle_scope)))
             if wait is not None:
                 raise Throttled(wait)
             response = answer_once(

@@ -143,6 +143,7 @@ class KeyHolder:
     prefix: str
     scope: str
     agent_id: uuid.UUID
+    owner_id: int
     agent_handle: str
     agent_is_active: bool
     owner_is_active: bool
@@ -161,7 +162,7 @@ def _key_holder_read(prefix: str, digest: str) -> KeyHolder | None:
     if not hmac.compare_digest(expected, digest) or key is None:
         return None
     _touch(ApiKey, key.pk, key.last_used_at, timezone.now())
-    return KeyHolder(pk=key.pk, prefix=key.prefix, scope=key.scope, agent_id=key.agent_id,
+    return KeyHolder(pk=key.pk, prefix=key.prefix, scope=key.scope, agent_id=key.agent_id, owner_id=key.agent.owner_id,
                      agent_handle=key.agent.handle, agent_is_active=key.agent.is_active,
                      owner_is_active=key.agent.owner.is_active, revoked_at=key.revoked_at, expires_at=key.expires_at)
 

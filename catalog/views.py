@@ -47,7 +47,7 @@ from marketplace.pagination import paginate
 from marketplace.parsers import BoundedJSONParser, plain_json_post
 from marketplace.renderers import rendered_response
 from marketplace.serializers import SecretRotationSerializer, error_responses
-from marketplace.throttling import agent_budget_key, windows_wait
+from marketplace.throttling import agent_budgets, windows_wait
 
 OWNER = [{"OwnerToken": []}]
 
@@ -373,7 +373,7 @@ class CatalogSearchView(APIView):
             return super().dispatch(request, *args, **kwargs)
         try:
             holder = agent_key_holder(request, scope=KeyScope.READ)
-            wait = windows_wait([(agent_budget_key("api", holder.agent_id), "api")])
+            wait = windows_wait(agent_budgets(agent_id=holder.agent_id, owner_id=holder.owner_id, scopes=("api",)))
             if wait is not None:
                 raise Throttled(wait)
             response = rendered_response(_search_answer(BoundedJSONParser().parse(request)))

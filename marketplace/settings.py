@@ -649,8 +649,15 @@ OUTBOUND_RESOLVER_THREADS = env.int("OUTBOUND_RESOLVER_THREADS", default=16)
 # Rate-limit counters live here: Redis in production (CACHE_URL=redis://host:6379/2) so every process shares them.
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
 REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["marketplace.throttling.CredentialRateThrottle"]
+API_RATE_LIMIT = env.str("API_RATE_LIMIT", default="6000/min")
+# Agents an owner's total (API_RATE_LIMIT_PER_OWNER) gives API_RATE_LIMIT to at once, unless set on its own.
+OWNER_RATE_LIMIT_AGENTS = 5
+_api_requests, _, _api_period = API_RATE_LIMIT.partition("/")
 REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
-    "api": env.str("API_RATE_LIMIT", default="6000/min"),  # per agent (all its keys) or owner, every authenticated call
+    "api": API_RATE_LIMIT,  # per agent (all its keys) or owner, every authenticated call
+    # per owner: its own calls and all its agents' together, every authenticated call (agents do not multiply `api`)
+    "owner_api": env.str("API_RATE_LIMIT_PER_OWNER",
+                         default=f"{int(_api_requests) * OWNER_RATE_LIMIT_AGENTS}/{_api_period}"),
     "proxy": env.str("RATE_LIMIT_PROXY", default="6000/min"),  # per agent, metered-proxy calls
     "payments": env.str("RATE_LIMIT_PAYMENTS", default="600/min"),  # per agent, purchases and payments
     # per agent or owner: webhook test sends (one post to each of the agent's live subscriptions) and replays

@@ -2,7 +2,8 @@
 (counted per key, an agent's API_KEYS_PER_AGENT keys were that many budgets), an owner's tokens and admin session
 against the owner's.
 
-Every authenticated request counts against its agent's or owner's `api` budget (API_RATE_LIMIT).
+Every authenticated request counts against its agent's or owner's `api` budget (API_RATE_LIMIT), and against its
+owner's total (API_RATE_LIMIT_PER_OWNER: the owner's own requests and all its agents' together).
 On top of that, a view opts in to a narrower budget with `throttle_scope = "proxy"` (every method) or a mapping such as `{"POST": "payments"}`;
 rates come from `REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]`, read on each request so settings can change them.
 Counts live in the Django cache: set CACHE_URL to Redis in production so every process shares them. An exceeded
@@ -177,6 +178,20 @@ def agent_budget_key(scope: str, agent_id) -> str:
     return ScopedRateThrottle.cache_format % {"scope": scope, "ident": f"agent:{agent_id}"}
 
 
+OWNER_SCOPE = "owner_api"
+
+
+def owner_budget(owner_id) -> tuple[str, str]:
+    """The (key, scope) of what an owner and all its agents spend together (API_RATE_LIMIT_PER_OWNER): counted per
+    agent only, an owner creating AGENTS_PER_OWNER agents had that many `api` budgets."""
+    return ScopedRateThrottle.cache_format % {"scope": OWNER_SCOPE, "ident": f"user:{owner_id}"}, OWNER_SCOPE
+
+
+def agent_budgets(*, agent_id, owner_id, scopes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The budgets an agent's request counts against: the agent's for each of `scopes`, and its owner's."""
+    return [*((agent_budget_key(scope, agent_id), scope) for scope in scopes), owner_budget(owner_id)]
+
+
 class CredentialRateThrottle(ScopedRateThrottle):
     """Both budgets of a request, counted together (`windows_wait`): the credential's `api` budget when the request
     carries one, and the view's own scope when it names one."""
@@ -186,13 +201,17 @@ class CredentialRateThrottle(ScopedRateThrottle):
         return scope.get(request.method) if isinstance(scope, dict) else scope
 
     def allow_request(self, request, view):
-        scopes = ["api"] if request.auth is not None or request.user.is_authenticated else []
+        authenticated = request.auth is not None or request.user.is_authenticated
+        scopes = ["api"] if authenticated else []
         scope = self.scope_for(request, view)
         if scope:
             scopes.append(scope)
         if not scopes:
             return True
-        self.window_ends = windows_wait([(self.budget_key(request, name), name) for name in scopes])
+        budgets = [(self.budget_key(request, name), name) for name in scopes]
+        if authenticated:  # an agent's key or its owner's credentials: the owner's total too
+            budgets.append(owner_budget(request.user.pk))
+        self.window_ends = windows_wait(budgets)
         return self.window_ends is None
 
     def wait(self):

@@ -88,6 +88,27 @@ def test_an_agents_keys_share_its_budgets_so_more_keys_do_not_buy_more_requests(
     assert Api(issue_key(AgentFactory(owner=buyer.owner, is_seller=False))).get("/agents/me").status_code == 200
 
 
+def test_an_owners_agents_share_its_budget_so_more_agents_do_not_buy_more_requests(limits, buyer, buyer_api,
+                                                                                      owner_api):
+    """Counted per agent only, an owner holding AGENTS_PER_OWNER agents had that many times the `api` budget (50
+    times API_RATE_LIMIT), each agent's keys on every route: the catalog search's and the usage reports' own paths
+    too. The owner's tokens count against the same total."""
+    limits(api="100/day", owner_api="4/day")
+    second = Api(issue_key(AgentFactory(owner=buyer.owner, is_seller=False)))
+    assert buyer_api.get("/agents/me").status_code == 200
+    assert second.get("/agents/me").status_code == 200
+    assert second.post("/catalog/search", {"q": ""}).status_code == 200
+    assert owner_api.get("/agents").status_code == 200
+    assert_rate_limited(buyer_api.get("/agents/me"))
+    assert_rate_limited(second.post("/catalog/search", {"q": ""}))
+    assert_rate_limited(second.post("/usage-agreements/00000000-0000-0000-0000-000000000000/record-usage",
+                                    {"units": 1}, headers={"Idempotency-Key": "k"}))
+    assert_rate_limited(owner_api.get("/agents"))
+
+    # Another owner's agents are not held back.
+    assert Api(issue_key(AgentFactory(is_seller=False))).get("/agents/me").status_code == 200
+
+
 def test_escrow_activation_is_limited_before_the_body_is_read(limits, buyer_api):
     limits(payments="1/day")
     url = "/usage-agreements/00000000-0000-0000-0000-000000000000/activate-escrow"
