@@ -350,10 +350,13 @@ class PaymentRequirementsSerializer(serializers.Serializer):
     fee_schedule = serializers.DictField()
 
 
+# What webhook subscriptions and the inbox's filter name: `agreement.<status>`, and `agreement.undone`.
+EVENT_TYPES = [*(f"agreement.{s}" for s in AgreementStatus.values), UNDONE_EVENT_TYPE]
+
+
 class WebhookCreateSerializer(StrictSerializer):
     url = serializers.URLField(max_length=500)
-    event_types = serializers.ListField(child=serializers.ChoiceField(
-        choices=[*(f"agreement.{s}" for s in AgreementStatus.values), UNDONE_EVENT_TYPE]), required=False,
+    event_types = serializers.ListField(child=serializers.ChoiceField(choices=EVENT_TYPES), required=False,
         default=list, max_length=50,
         help_text="`agreement.<status>`, and `agreement.undone` (a reorg undid a status told: also sent to a "
                   "subscriber of the status undone or of the one the agreement is back in); empty: every event.")
@@ -771,6 +774,16 @@ class InboxQuery(StrictSerializer):
     types = serializers.CharField(max_length=2000, required=False, allow_blank=True,
                                   help_text="Comma-separated event types, e.g. agreement.accepted,agreement.active.")
     after = serializers.RegexField(EVENT_ID_PATTERN, required=False, help_text="An event_id: events after it.")
+
+    def validate_types(self, value) -> list[str]:
+        """The types named, each one an event can have: a misspelt one matched nothing, and the inbox read empty."""
+        types = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = sorted(set(types).difference(EVENT_TYPES))
+        if unknown:
+            raise serializers.ValidationError(
+                f"Unknown event types: {', '.join(unknown[:5])}. Each is agreement.<status> or {UNDONE_EVENT_TYPE}.",
+                code="unknown_event_type")
+        return types
 
 
 class InboxEventSerializer(serializers.Serializer):

@@ -633,8 +633,8 @@ class AgentEventsView(APIView):
         query = InboxQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
         after = query.validated_data.get("after")
-        types = [t.strip() for t in query.validated_data.get("types", "").split(",") if t.strip()]
-        events = selectors.inbox_events(agent=agent, types=types, after=int(after[4:]) if after else None,
+        events = selectors.inbox_events(agent=agent, types=query.validated_data.get("types", []),
+                                        after=int(after[4:]) if after else None,
                                         limit=query.validated_data["limit"])
         return Response(InboxEventSerializer([{
             **_inbox_item(event), "status": "acked" if event.acked else "pending"} for event in events],

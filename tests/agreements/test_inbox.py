@@ -40,3 +40,15 @@ def test_an_event_id_with_a_trailing_newline_is_not_the_event(buyer, buyer_api, 
     refused = buyer_api.post(f"/agents/{buyer.pk}/events/{event['event_id']}%0A/ack")
     assert refused.status_code == 404 and error_code(refused) == "event_not_found", refused.content
     assert buyer_api.get(f"/agents/{buyer.pk}/events").json()[0]["status"] == "pending"
+
+
+@pytest.mark.parametrize("types", ["agreement.acepted", "agreement.proposed,agreement.nonsense", "proposed"])
+def test_an_inbox_filter_naming_no_event_type_is_400_not_an_empty_inbox(buyer, buyer_api, service, types):
+    """A misspelt type was read as a status no event has: the poller was told, forever, that nothing is pending."""
+    assert buyer_api.post("/usage-agreements", proposal(service)).status_code == 201
+    refused = buyer_api.get(f"/agents/{buyer.pk}/events", {"types": types})
+    assert refused.status_code == 400, refused.content
+    assert error_code(refused) == "validation_error"
+    assert refused.json()["error"]["details"]["fields"]["types"][0]["code"] == "unknown_event_type"
+    [event] = buyer_api.get(f"/agents/{buyer.pk}/events", {"types": "agreement.proposed, agreement.undone"}).json()
+    assert event["type"] == "agreement.proposed"
