@@ -5,9 +5,9 @@ tagged block, without which no payout or refund of the treasury is ever sent).
 
 A load balancer stops routing to an instance whose `/readyz` is 503; an orchestrator restarts one whose
 `/healthz` does not answer. The 503 names the dependencies that failed (details go to the log, not to the
-unauthenticated caller). Apps add their own dependencies with `readiness_check_register` (escrow: the chain,
-the indexer's lag, the payouts' finality tag and the relayer keys; agreements: the receipt signer keys the open
-escrows name).
+unauthenticated caller). A run's answer is kept READINESS_CACHE_SECONDS per process (`readiness_shared`). Apps add
+their own dependencies with `readiness_check_register` (escrow: the chain, the indexer's lag, the payouts' finality
+tag and the relayer keys; agreements: the receipt signer keys the open escrows name).
 """
 
 import contextvars
@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import connections
@@ -81,6 +82,33 @@ def readiness() -> dict[str, str]:
     return {name: results.get(name, "timeout") for name in _checks}
 
 
+@dataclass(frozen=True)
+class _Run:
+    finished_at: float  # time.monotonic()
+    checks: dict[str, str]
+
+
+_last_run: _Run | None = None
+_run_lock = threading.Lock()
+
+
+def readiness_shared() -> dict[str, str]:
+    """`readiness()`, run by one probe at a time per process: a probe that waited for a run finishing after it
+    arrived takes that run's answer, and any probe takes an answer finished less than READINESS_CACHE_SECONDS ago.
+    /readyz answers anyone, and each run opens database and broker connections and calls the chain node: a client
+    probing in a loop, or many at once, made the dependencies do that work at its pace."""
+    global _last_run
+    asked_at = time.monotonic()
+    with _run_lock:
+        last = _last_run
+        if last is not None and (last.finished_at >= asked_at
+                                 or asked_at - last.finished_at < settings.READINESS_CACHE_SECONDS):
+            return last.checks
+        checks = readiness()
+        _last_run = _Run(finished_at=time.monotonic(), checks=checks)
+        return checks
+
+
 _status = inline_serializer("Liveness", {"status": serializers.ChoiceField(choices=["ok"])})
 _ready = inline_serializer("Readiness", {
     "status": serializers.ChoiceField(choices=["ready"]),
@@ -109,7 +137,7 @@ class ReadyzView(APIView):
                    responses={200: _ready, 503: OpenApiResponse(ErrorSerializer, description="A dependency is down; "
                                                                 "`details.checks` says which.")})
     def get(self, request):
-        checks = readiness()
+        checks = readiness_shared()
         failed = sorted(name for name, result in checks.items() if result != "ok")
         if failed:
             return Response(error_body("not_ready", f"Not ready: {', '.join(failed)} unavailable.",

@@ -670,6 +670,8 @@ REST_FRAMEWORK["NUM_PROXIES"] = env.int("TRUSTED_PROXY_COUNT", default=0)
 # /metrics answers a staff session, or a scraper sending `Authorization: Bearer <METRICS_TOKEN>`.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 READINESS_TIMEOUT_SECONDS = env.float("READINESS_TIMEOUT_SECONDS", default=2.0)
+# /readyz answers anyone: a run of its checks is kept this long per process, probes at once share one run.
+READINESS_CACHE_SECONDS = env.float("READINESS_CACHE_SECONDS", default=1.0)
 INSTALLED_APPS.append("django_prometheus")
 # After the hot path (marketplace.middleware.HotPathMiddleware), which keeps its own metrics.
 _HOT_PATH = MIDDLEWARE.index("marketplace.middleware.HotPathMiddleware") + 1

@@ -194,6 +194,13 @@ def quote_clock_read_afresh():
 
 
 @pytest.fixture(autouse=True)
+def readiness_checked_afresh(settings):
+    """/readyz keeps a run's answer per process for READINESS_CACHE_SECONDS: tests change what it checks between
+    probes, so each probe runs the checks (probes at once still share one run)."""
+    settings.READINESS_CACHE_SECONDS = 0
+
+
+@pytest.fixture(autouse=True)
 def private_upstreams_allowed(settings):
     """Test upstreams and webhook receivers run on loopback; tests of the SSRF guard switch it back on."""
     settings.ALLOW_PRIVATE_UPSTREAMS = True

@@ -112,3 +112,19 @@ def test_not_ready_when_a_relayer_key_is_malformed(escrow_chain, settings, setti
     response = Client().get("/readyz")
     assert response.status_code == 503, response.content
     assert response.json()["error"]["details"]["failed"] == ["relayer_keys"]
+
+
+def test_probes_one_after_another_share_one_run_of_the_checks_for_the_time_its_answer_is_kept(settings, monkeypatch):
+    """/readyz answers anyone: each probe ran every check afresh (a thread each, new database connections, a broker
+    connection, calls to the chain node), so a client probing in a loop made the platform's dependencies do that work
+    at its pace. An answer is now kept READINESS_CACHE_SECONDS per process."""
+    from marketplace import health
+
+    runs = []
+    monkeypatch.setattr(health, "_checks", {"counted": lambda timeout: runs.append(timeout)})
+    monkeypatch.setattr(health, "_last_run", None)
+    settings.READINESS_CACHE_SECONDS = 60
+    for _ in range(5):
+        response = Client().get("/readyz")
+        assert response.status_code == 200 and response.json()["checks"] == {"counted": "ok"}
+    assert len(runs) == 1
