@@ -179,12 +179,16 @@ def agent_budget_key(scope: str, agent_id) -> str:
 
 
 OWNER_SCOPE = "owner_api"
+# Scopes whose budget an owner's agents share with the owner, as its tokens do: each request of them makes the
+# platform post to URLs the agents chose, anyone's.
+OWNER_SHARED_SCOPES = frozenset({"webhook_sends"})
 
 
-def owner_budget(owner_id) -> tuple[str, str]:
-    """The (key, scope) of what an owner and all its agents spend together (API_RATE_LIMIT_PER_OWNER): counted per
-    agent only, an owner creating AGENTS_PER_OWNER agents had that many `api` budgets."""
-    return ScopedRateThrottle.cache_format % {"scope": OWNER_SCOPE, "ident": f"user:{owner_id}"}, OWNER_SCOPE
+def owner_budget(owner_id, scope: str = OWNER_SCOPE) -> tuple[str, str]:
+    """The (key, scope) of what an owner and all its agents spend together: `owner_api` (API_RATE_LIMIT_PER_OWNER;
+    counted per agent only, an owner creating AGENTS_PER_OWNER agents had that many `api` budgets), or a scope of
+    OWNER_SHARED_SCOPES (the owner's own budget of it)."""
+    return ScopedRateThrottle.cache_format % {"scope": scope, "ident": f"user:{owner_id}"}, scope
 
 
 def agent_budgets(*, agent_id, owner_id, scopes: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -211,6 +215,8 @@ class CredentialRateThrottle(ScopedRateThrottle):
         budgets = [(self.budget_key(request, name), name) for name in scopes]
         if authenticated:  # an agent's key or its owner's credentials: the owner's total too
             budgets.append(owner_budget(request.user.pk))
+        if getattr(request.auth, "agent_id", None) is not None:  # an owner's credentials count there already
+            budgets += [owner_budget(request.user.pk, name) for name in scopes if name in OWNER_SHARED_SCOPES]
         self.window_ends = windows_wait(budgets)
         return self.window_ends is None
 

@@ -8,7 +8,7 @@ from redis.connection import Connection
 from agreements.models import UsageAgreement
 from marketplace import throttling
 from tests.agreements.helpers import proposal
-from tests.catalog.factories import AgentFactory, issue_key, register_service
+from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api, error_code
 from tests.faults.processes import RedisServer
 from tests.marketplace.conftest import active_agreement
@@ -279,3 +279,24 @@ def test_webhook_test_sends_and_replays_are_limited_per_key(limits, seller, sell
     delivery = seller_api.get(f"/agents/{seller.pk}/webhooks/deliveries").json()["results"][0]
     assert_rate_limited(seller_api.post(f"/agents/{seller.pk}/webhooks/deliveries/{delivery['id']}/replay"))
     assert seller_api.get(f"/agents/{seller.pk}/webhooks").status_code == 200  # reads are not sends
+
+
+def test_an_owners_agents_share_its_webhook_sends_so_more_agents_do_not_post_more_to_a_url(limits, seller,
+                                                                                           seller_api):
+    """Each agent had its own budget of test sends, each posting to every live subscription: an owner's
+    AGENTS_PER_OWNER agents, each subscribed WEBHOOK_SUBSCRIPTIONS_PER_AGENT times to one victim's URL, made it take
+    fifty times the posts one agent may cause. The owner's own token already shared one budget across its agents."""
+    limits(webhook_sends="2/day")
+    other = AgentFactory(owner=seller.owner, is_buyer=False, is_seller=True)
+    other_api = Api(issue_key(other, scope="admin"))
+    for agent, api in ((seller, seller_api), (other, other_api)):
+        assert api.post("/webhooks", {"url": "https://victim.example/hook"}).status_code == 201
+        assert api.post(f"/agents/{agent.pk}/webhooks/test").status_code == 202
+    assert_rate_limited(other_api.post(f"/agents/{other.pk}/webhooks/test"))
+    assert_rate_limited(Api(issue_owner_token(seller.owner)).post(f"/agents/{seller.pk}/webhooks/test"))
+
+    # Another owner's agent is not held back.
+    stranger = AgentFactory(is_buyer=False, is_seller=True)
+    stranger_api = Api(issue_key(stranger, scope="admin"))
+    assert stranger_api.post("/webhooks", {"url": "https://victim.example/hook"}).status_code == 201
+    assert stranger_api.post(f"/agents/{stranger.pk}/webhooks/test").status_code == 202
