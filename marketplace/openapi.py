@@ -10,11 +10,12 @@ from drf_spectacular.views import SCHEMA_KWARGS, SpectacularAPIView
 
 class SchemaView(SpectacularAPIView):
     """The schema, generated once per process and answered from memory after, rendered once per format: it is the
-    same for every request (public, one version: `?version` and `?lang` are not read), and anyone may fetch it,
-    unthrottled; generated per request it took ~0.7 s of CPU under the lock below, so a few clients fetching it in a
-    loop held every web thread. drf-spectacular's generation is not thread-safe (its lazily loaded extensions and
-    generator stats are shared state; upstream issues tfranzel/drf-spectacular#1122 and #1368): concurrent first
-    requests to a threaded server failed with 500, hence one generation at a time."""
+    same for every request (public, one version: `?version` and `?lang` are not read), and anyone may fetch it
+    (counted per client only: RATE_LIMIT_ANONYMOUS); generated per request it took ~0.7 s of CPU under the lock
+    below, so a few clients fetching it in a loop held every web thread. drf-spectacular's generation is not
+    thread-safe (its lazily loaded extensions and generator stats are shared state; upstream issues
+    tfranzel/drf-spectacular#1122 and #1368): concurrent first requests to a threaded server failed with 500, hence
+    one generation at a time."""
 
     _generating = threading.Lock()
     _schema: dict | None = None

@@ -660,6 +660,8 @@ REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
                          default=f"{int(_api_requests) * OWNER_RATE_LIMIT_AGENTS}/{_api_period}"),
     "proxy": env.str("RATE_LIMIT_PROXY", default="6000/min"),  # per agent, metered-proxy calls
     "payments": env.str("RATE_LIMIT_PAYMENTS", default="600/min"),  # per agent, purchases and payments
+    # per client (address, IPv6 /64): requests without a credential to routes answering anyone (not health probes)
+    "anonymous": env.str("RATE_LIMIT_ANONYMOUS", default="600/min"),
     # per agent, and per owner for it and its agents together: webhook test sends (one post to each of the agent's
     # live subscriptions) and replays
     "webhook_sends": env.str("RATE_LIMIT_WEBHOOK_SENDS", default="10/min"),

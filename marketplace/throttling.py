@@ -3,7 +3,8 @@
 against the owner's.
 
 Every authenticated request counts against its agent's or owner's `api` budget (API_RATE_LIMIT), and against its
-owner's total (API_RATE_LIMIT_PER_OWNER: the owner's own requests and all its agents' together).
+owner's total (API_RATE_LIMIT_PER_OWNER: the owner's own requests and all its agents' together); a request without
+a credential to a route that names no scope counts against its client's `anonymous` budget (RATE_LIMIT_ANONYMOUS).
 On top of that, a view opts in to a narrower budget with `throttle_scope = "proxy"` (every method) or a mapping such as `{"POST": "payments"}`;
 rates come from `REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]`, read on each request so settings can change them.
 Counts live in the Django cache: set CACHE_URL to Redis in production so every process shares them. An exceeded
@@ -179,6 +180,9 @@ def agent_budget_key(scope: str, agent_id) -> str:
 
 
 OWNER_SCOPE = "owner_api"
+# Requests without a credential to a route that names no scope of its own (an invocation's state, the network
+# configuration), counted per client (`client_network`). Health probes opt out (`throttle_classes = []`).
+ANONYMOUS_SCOPE = "anonymous"
 # Scopes whose budget an owner's agents share with the owner, as its tokens do: each request of them makes the
 # platform post to URLs the agents chose, anyone's.
 OWNER_SHARED_SCOPES = frozenset({"webhook_sends"})
@@ -210,8 +214,8 @@ class CredentialRateThrottle(ScopedRateThrottle):
         scope = self.scope_for(request, view)
         if scope:
             scopes.append(scope)
-        if not scopes:
-            return True
+        if not scopes:  # a route answering anyone, called without a credential: per client
+            scopes.append(ANONYMOUS_SCOPE)
         budgets = [(self.budget_key(request, name), name) for name in scopes]
         if authenticated:  # an agent's key or its owner's credentials: the owner's total too
             budgets.append(owner_budget(request.user.pk))

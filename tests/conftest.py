@@ -201,6 +201,14 @@ def readiness_checked_afresh(settings):
 
 
 @pytest.fixture(autouse=True)
+def anonymous_clients_unlimited(settings):
+    """Every test's client is 127.0.0.1: its requests without a credential, counted per client, would add up across
+    the tests a process runs. Tests of the anonymous budget set it (tests/marketplace/test_throttling.py)."""
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
+        **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "anonymous": "1000000/min"}}
+
+
+@pytest.fixture(autouse=True)
 def private_upstreams_allowed(settings):
     """Test upstreams and webhook receivers run on loopback; tests of the SSRF guard switch it back on."""
     settings.ALLOW_PRIVATE_UPSTREAMS = True

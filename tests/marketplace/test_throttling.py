@@ -300,3 +300,18 @@ def test_an_owners_agents_share_its_webhook_sends_so_more_agents_do_not_post_mor
     stranger_api = Api(issue_key(stranger, scope="admin"))
     assert stranger_api.post("/webhooks", {"url": "https://victim.example/hook"}).status_code == 201
     assert stranger_api.post(f"/agents/{stranger.pk}/webhooks/test").status_code == 202
+
+
+def test_routes_answering_anyone_are_limited_per_client(limits, anon, buyer_api):
+    """An invocation's state and the network configuration answer without a credential, and were counted against
+    nothing: one client read them (a database read each) as fast as it could send. Health probes are not counted
+    (a load balancer's, behind the same address as clients, must never be refused)."""
+    limits(anonymous="2/day")
+    for path in ("/services/inv_nope", "/wallet/recovery-challenge"):
+        assert anon.get(path).status_code in (403, 404)
+    assert_rate_limited(anon.get("/services/inv_nope"))
+    assert_rate_limited(anon.get("/network-config"))
+    assert anon.client.get("/services/inv_nope", REMOTE_ADDR="192.0.2.7").status_code == 404  # another client
+    assert buyer_api.get("/services/inv_nope").status_code == 404  # an agent counts against its own budgets
+    for _ in range(3):
+        assert anon.get("/healthz").status_code == 200
