@@ -1142,7 +1142,11 @@ def escrow_record(onchain_id: str, *, buyer: str, from_block: int | None = None)
     checks the terms against the stored digest; the contract's `State` index) and the last proposal's usage digest
     (from its SettlementProposed event). State 0 and zero fields when that buyer never activated the id."""
     latest = latest_block_number()
-    activation = _activation(onchain_id, buyer, from_block=from_block, to_block=latest)
+    # The contract says in one call whether the buyer activated the id: only then is its Activated event searched
+    # for, a span at a time (from the deployment block when the activation's block is unknown here). Searched for an
+    # id never activated, the whole chain since the deployment was read on every call (a read key's, at its rate).
+    digest = call(lambda: escrow_contract().functions.termsDigest(buyer, onchain_id).call(block_identifier=latest))
+    activation = None if not any(digest) else _activation(onchain_id, buyer, from_block=from_block, to_block=latest)
     if activation is None:
         zero_address, zero32 = "0x" + "00" * 20, "0x" + "00" * 32
         return {"state": 0, "buyer": zero_address, "seller": zero_address, "token": zero_address,

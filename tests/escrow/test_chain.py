@@ -86,3 +86,19 @@ def test_a_span_a_node_answers_out_of_order_is_read_oldest_first(monkeypatch, se
     found = chain.first_logs(address="0x" + "11" * 20, topics=[], from_block=0, to_block=99, newest_first=True)
     assert [(log["blockNumber"], log["logIndex"]) for log in found] == [(11, 3), (12, 0), (12, 1)]
 
+
+
+def test_an_escrow_never_activated_is_read_without_a_log_search(escrow_chain, capped_rpc):
+    """`escrow-status?verify=true` is a read key's: for an agreement never activated (a proposal costs nothing), it
+    searched every span from the deployment block to the head for the Activated event, one eth_getLogs per
+    INDEXER_BLOCK_RANGE blocks (on Base, about 16,000 per year of the deployment's age) on every call. The contract
+    answers in one call whether the buyer activated the id (`termsDigest`)."""
+    parties = Parties(escrow_chain)
+    agreement = parties.accepted_agreement()
+    escrow_chain.mine(10 * SPAN)
+
+    capped_rpc.log_ranges.clear()
+    status = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/escrow-status", {"verify": "true"})
+    assert status.status_code == 200, status.content
+    assert status.json()["onchain"]["state"] == "none"
+    assert capped_rpc.log_ranges == []
