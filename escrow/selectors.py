@@ -297,17 +297,23 @@ def activation_transaction(*, agreement: UsageAgreement) -> dict | None:
 
 
 def _activation_search_start(agreement_id) -> int | None:
-    """Where the escrow's Activated event can first be, when the relayer saw the activation mined: CHAIN_CONFIRMATIONS
-    blocks before that (a reorg no deeper than the confirmation depth can only move it later). None: unknown (the
-    chain reads then start at the deployment block)."""
+    """Where the escrow's Activated event can first be, when the relayer saw the activation mined or the indexer
+    applied it: CHAIN_CONFIRMATIONS blocks before that (a reorg no deeper than the confirmation depth can only move it
+    later). None: unknown (the chain reads then start at the deployment block)."""
     # Only an activation that ran (receipt status 1) bounds where the escrow's Activated event is: one of ours that
     # reverted AgreementExists was mined after it (a front-runner's copy, anyone relaying the buyer's intent).
     mined = (ChainTransaction.objects.filter(agreement_id=agreement_id, purpose=TxPurpose.ACTIVATE,
                                              mined_block_number__isnull=False, receipt_status=1)
              .order_by("mined_block_number").values_list("mined_block_number", flat=True).first())
-    if mined is None:
+    # Or one anyone else sent (the buyer's intent relayed by another) that the indexer applied to the agreement, so
+    # the buyer's own: each read searched from the deployment block again.
+    indexed = (ChainEvent.objects.filter(agreement_id=agreement_id, name="Activated", removed_at=None,
+                                         effect__in=[EventEffect.APPLIED, EventEffect.ALREADY])
+               .order_by("block_number").values_list("block_number", flat=True).first())
+    found = [block for block in (mined, indexed) if block is not None]
+    if not found:
         return None
-    return max(mined - settings.CHAIN_CONFIRMATIONS, chainconfig.escrow_deployment_block())
+    return max(min(found) - settings.CHAIN_CONFIRMATIONS, chainconfig.escrow_deployment_block())
 
 
 class EscrowState(StrEnum):

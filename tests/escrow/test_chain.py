@@ -10,7 +10,9 @@ from agreements.models import UsageAgreement
 from escrow import selectors
 from escrow.models import ChainTransaction
 from tests.escrow.conftest import Escrows, random_bytes32
-from tests.escrow.flow import Parties
+from sdk import typed_data as td
+from tests.escrow.flow import Parties, sign_activation
+from tests.escrow.test_indexer import index, mined
 from tests.support.rpc_relay import RpcRelay
 
 pytestmark = [pytest.mark.chain, pytest.mark.django_db]
@@ -102,3 +104,30 @@ def test_an_escrow_never_activated_is_read_without_a_log_search(escrow_chain, ca
     assert status.status_code == 200, status.content
     assert status.json()["onchain"]["state"] == "none"
     assert capped_rpc.log_ranges == []
+
+
+def test_an_escrow_the_buyer_funded_itself_is_read_from_the_block_the_indexer_found_it_in(
+        escrow_chain, capped_rpc, django_capture_on_commit_callbacks):
+    """An activation sent by anyone but the relayer (the buyer's own intent relayed by a stranger) left its block
+    unknown to the escrow's reads: each `verify=true` searched every span from the deployment block again, which a
+    buyer funding one escrow itself could make the platform do at its read key's rate."""
+    parties = Parties(escrow_chain)
+    agreement = parties.accepted_agreement()
+    escrow_chain.mine(10 * SPAN)
+    package = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/activation-package").json()
+    signed = sign_activation(escrow_chain, package, parties.agreement(agreement["id"]), parties.buyer_account.key)
+    permit = signed["escrow_permit"]
+    mined(escrow_chain, escrow_chain.escrow.functions.activate(
+        td.message_tuple(package["intent"]), signed["intent_signature"],
+        td.onchain_permit(value=permit["value"], deadline=permit["deadline"], signature=permit["signature"]),
+        td.EMPTY_PERMIT,
+    ).transact({"from": escrow_chain.accounts.stranger.address, "gas": 1_000_000}))
+    activated_at = escrow_chain.block_number()
+    index(django_capture_on_commit_callbacks)
+    assert parties.agreement(agreement["id"])["status"] == "active"
+    escrow_chain.mine(10 * SPAN)
+
+    capped_rpc.log_ranges.clear()
+    status = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/escrow-status", {"verify": "true"}).json()
+    assert status["onchain"]["state"] == "active"
+    assert len(capped_rpc.log_ranges) == 1 and within(capped_rpc.log_ranges[0], activated_at)
