@@ -201,8 +201,8 @@ def agent_budgets(*, agent_id, owner_id, scopes: tuple[str, ...]) -> list[tuple[
 
 
 class CredentialRateThrottle(ScopedRateThrottle):
-    """Both budgets of a request, counted together (`windows_wait`): the credential's `api` budget when the request
-    carries one, and the view's own scope when it names one."""
+    """A request's budgets, counted together (`windows_wait`): the credential's `api` budget and its owner's total
+    when the request carries one, the view's own scope when it names one, else the client's `anonymous` budget."""
 
     def scope_for(self, request, view) -> str | None:
         scope = getattr(view, self.scope_attr, None)
