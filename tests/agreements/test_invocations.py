@@ -534,6 +534,17 @@ def test_the_sweeper_times_out_an_invocation_whose_worker_died_and_refunds_it(
     assert not InvocationSellerFailure.objects.exists()
 
 
+def _overdue_invocations(market, *, count: int) -> list[str]:
+    """`count` paid invocations, processing and past their deadline: their ids."""
+    overdue = []
+    for _ in range(count):
+        invocation_id = market.call("render", market.pay("render")).json()["invocation_id"].removeprefix("inv_")
+        SkillInvocation.objects.filter(pk=invocation_id).update(
+            status="processing", started_at=timezone.now(), deadline_at=timezone.now())
+        overdue.append(str(SkillInvocation.objects.get(pk=invocation_id).pk))
+    return overdue
+
+
 def test_an_overdue_invocation_whose_time_out_raises_is_skipped_and_logged_and_the_others_time_out(
         market, django_capture_on_commit_callbacks, monkeypatch, caplog):
     """One overdue invocation whose time-out always raised ended the sweep at every run: none after it was timed
@@ -541,12 +552,7 @@ def test_an_overdue_invocation_whose_time_out_raises_is_skipped_and_logged_and_t
     from agreements import tasks
     from marketplace.sweeps import RowsFailed
 
-    overdue = []
-    for _ in range(2):
-        invocation_id = market.call("render", market.pay("render")).json()["invocation_id"].removeprefix("inv_")
-        SkillInvocation.objects.filter(pk=invocation_id).update(
-            status="processing", started_at=timezone.now(), deadline_at=timezone.now())
-        overdue.append(str(SkillInvocation.objects.get(pk=invocation_id).pk))
+    overdue = _overdue_invocations(market, count=2)
     poisoned = str(SkillInvocation.objects.filter(pk__in=overdue).values_list("pk", flat=True).first())
     real_finish = invocations._finish
 
@@ -572,12 +578,7 @@ def test_overdue_invocations_whose_time_out_raises_do_not_keep_the_others_from_t
     refunded. Each run takes up after the last (by deadline, as the settlement tick does)."""
     from agreements import tasks
 
-    overdue = []
-    for _ in range(2):
-        invocation_id = market.call("render", market.pay("render")).json()["invocation_id"].removeprefix("inv_")
-        SkillInvocation.objects.filter(pk=invocation_id).update(
-            status="processing", started_at=timezone.now(), deadline_at=timezone.now())
-        overdue.append(str(SkillInvocation.objects.get(pk=invocation_id).pk))
+    overdue = _overdue_invocations(market, count=2)
     monkeypatch.setattr(invocations, "INVOCATIONS_TIMED_OUT_PER_RUN", 1)
     monkeypatch.setattr(invocations, "_finish", first_row_always_fails(invocations._finish, row="invocation_id"))
     with django_capture_on_commit_callbacks(execute=True):

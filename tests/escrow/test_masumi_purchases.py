@@ -496,6 +496,15 @@ def test_a_service_whose_sellers_owner_is_deactivated_is_not_bought(escrow_chain
     assert seller_service.started == []
 
 
+def _unfunded_purchases_past_their_deadline(chain, seller_service, *, count: int) -> None:
+    """`count` Masumi purchases of one service, never funded, the chain's clock moved past their deadline."""
+    parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
+    created = [parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
+                                                    "agentIdentifier": str(parties.service.pk)}).json()["data"]
+               for _ in range(count)]
+    chain.increase_time(max(c["ActivationPackage"]["deadline"] for c in created) - chain.now())
+
+
 def test_an_unfunded_purchase_whose_expiry_raises_is_logged_and_skipped_and_the_others_expire(
         escrow_chain, seller_service, django_capture_on_commit_callbacks, monkeypatch, caplog):
     """One purchase whose expiry always raised (bad data, a bug) ended the Masumi tick at every run: no purchase
@@ -503,12 +512,7 @@ def test_an_unfunded_purchase_whose_expiry_raises_is_logged_and_skipped_and_the_
     from agreements import services as agreement_services
     from marketplace.sweeps import RowsFailed
 
-    chain = escrow_chain
-    parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
-    created = [parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
-                                                    "agentIdentifier": str(parties.service.pk)}).json()["data"]
-               for _ in range(2)]
-    chain.increase_time(max(c["ActivationPackage"]["deadline"] for c in created) - chain.now())
+    _unfunded_purchases_past_their_deadline(escrow_chain, seller_service, count=2)
     poisoned = MasumiPurchase.objects.values_list("agreement_id", flat=True).first()
     real_expire = agreement_services.agreement_expire_unfunded
 
@@ -533,12 +537,7 @@ def test_unfunded_purchases_whose_expiry_raises_do_not_keep_the_others_from_thei
     Each run takes up after the last."""
     from agreements import services as agreement_services
 
-    chain = escrow_chain
-    parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[])
-    created = [parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
-                                                    "agentIdentifier": str(parties.service.pk)}).json()["data"]
-               for _ in range(2)]
-    chain.increase_time(max(c["ActivationPackage"]["deadline"] for c in created) - chain.now())
+    _unfunded_purchases_past_their_deadline(escrow_chain, seller_service, count=2)
     monkeypatch.setattr(purchases, "UNFUNDED_PURCHASES_EXPIRED_PER_RUN", 1)
     monkeypatch.setattr(agreement_services, "agreement_expire_unfunded",
                         first_row_always_fails(agreement_services.agreement_expire_unfunded, row="agreement_id"))
