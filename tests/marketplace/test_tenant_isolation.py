@@ -593,6 +593,7 @@ REFERENCES = {
     ("policies_put", "blocked_services"): Named(why="the caller's own policy, matched against purchases, never read"),
     ("agent_events", "after"): Named(why="a position in the caller's own inbox"),
     ("masumi_purchase_list", "cursorId"): Named(why="a position in the caller's own purchases"),
+    ("masumi_payment_list", "cursorId"): Named(why="a position in the caller's own payments (another's id: 404)"),
     ("masumi_registry_list", "cursorId"): Named(why="a position in the registry's listing"),
     ("masumi_payment_source_list", "cursorId"): Named(why="a position in the node's one payment source"),
     ("masumi_registry_register", "sellingWalletVkey"): Named(why="must be the caller's own wallet (wallet_mismatch)"),
