@@ -19,10 +19,11 @@ from rest_framework import authentication, exceptions, permissions
 from catalog import selectors
 from catalog.models import OWNER_SCOPE_OF_KEY_SCOPE, SCOPE_RANK, ApiKey, KeyScope, OwnerScope, OwnerToken
 from marketplace.caching import for_a_second
-from marketplace.errors import Forbidden, NotFound
+from marketplace.errors import AuthenticationFailuresLimited, Forbidden, NotFound
 from marketplace.keys import digest_secret, parse_secret, secret_matches
 from marketplace.postgresql import prepared_cursor
 from marketplace.rows import model_columns
+from marketplace.throttling import authentication_failure_count, authentication_refused_wait
 
 _KINDS = {"mk": ApiKey, "ot": OwnerToken}
 # What a presented secret is compared with when no credential has its prefix (no secret's digest is this).
@@ -31,6 +32,21 @@ _NO_CREDENTIAL_DIGEST = "0" * 64
 
 def _failed(message: str, code: str) -> exceptions.AuthenticationFailed:
     return exceptions.AuthenticationFailed(message, code=code)
+
+
+def _guess_failed(request, message: str) -> exceptions.APIException:
+    """A secret no credential has (a guess, or a client's mistake), counted against the client's budget of failed
+    authentications: 401 `invalid_credentials` within it, 429 past it."""
+    wait = authentication_failure_count(request)
+    return _failed(message, "invalid_credentials") if wait is None else AuthenticationFailuresLimited(wait)
+
+
+def _refuse_spent_client(request) -> None:
+    """429 for a client past its budget of failed authentications, whatever it presents (a right guess tells it
+    nothing). Revoked, expired or deactivated credentials were issued, not guessed: they count no failure."""
+    wait = authentication_refused_wait(request)
+    if wait is not None:
+        raise AuthenticationFailuresLimited(wait)
 
 
 def presented_secret(request) -> str | None:
@@ -67,15 +83,16 @@ class BearerKeyAuthentication(authentication.BaseAuthentication):
         secret = presented_secret(request)
         if secret is None:
             return None  # no credentials, or another scheme: left to other authenticators
+        _refuse_spent_client(request)
         parsed = parse_secret(secret)
         if parsed is None or parsed[0] not in _KINDS:
-            raise _failed("Malformed credentials.", "invalid_credentials")
+            raise _guess_failed(request, "Malformed credentials.")
         model = _KINDS[parsed[0]]
         credential = credential_with_holders(model, prefix=parsed[1])
         # An unknown prefix costs the hash a wrong secret does: the answer's time tells nothing of which exist.
         digest = credential.secret_digest if credential is not None else _NO_CREDENTIAL_DIGEST
         if not secret_matches(secret, digest) or credential is None:
-            raise _failed("Unknown credentials.", "invalid_credentials")
+            raise _guess_failed(request, "Unknown credentials.")
         user = credential.agent.owner if model is ApiKey else credential.owner
         now = timezone.now()
         _refuse_unusable(revoked_at=credential.revoked_at, expires_at=credential.expires_at,
@@ -174,15 +191,16 @@ def agent_key_holder(request, *, scope: str) -> KeyHolder:
     secret = presented_secret(request)
     if secret is None:
         raise exceptions.NotAuthenticated()
+    _refuse_spent_client(request)
     parsed = parse_secret(secret)
     if parsed is None or parsed[0] not in _KINDS:
-        raise _failed("Malformed credentials.", "invalid_credentials")
+        raise _guess_failed(request, "Malformed credentials.")
     if _KINDS[parsed[0]] is not ApiKey:
         BearerKeyAuthentication().authenticate(request)  # an owner's credentials: 401 unless they are usable
         raise Forbidden("This endpoint needs an agent API key.", code="agent_key_required")
     holder = _key_holder_read(parsed[1], digest_secret(secret))
     if holder is None:
-        raise _failed("Unknown credentials.", "invalid_credentials")
+        raise _guess_failed(request, "Unknown credentials.")
     _refuse_unusable(revoked_at=holder.revoked_at, expires_at=holder.expires_at,
                      agent_is_active=holder.agent_is_active, owner_is_active=holder.owner_is_active,
                      now=timezone.now())

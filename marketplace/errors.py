@@ -96,6 +96,13 @@ class DependencyUnavailable(ApplicationError):
     message = "A service this request depends on is unavailable; retry later."
 
 
+class AuthenticationFailuresLimited(drf_exceptions.Throttled):
+    """A client past its budget of failed authentications (marketplace.throttling.authentication_failure_count)."""
+
+    default_detail = "Too many failed authentications from this client; retry later."
+    default_code = "authentication_failures_limited"
+
+
 def error_body(code: str, message: str, details: dict | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
@@ -115,6 +122,7 @@ _DRF_CODES = {
     drf_exceptions.MethodNotAllowed: "method_not_allowed",
     drf_exceptions.NotAcceptable: "not_acceptable",
     drf_exceptions.UnsupportedMediaType: "unsupported_media_type",
+    AuthenticationFailuresLimited: "authentication_failures_limited",  # before Throttled, its base
     drf_exceptions.Throttled: "rate_limited",
     drf_exceptions.NotFound: "not_found",
 }

@@ -27,7 +27,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from marketplace import second_factor
-from marketplace.errors import error_body
+from marketplace.errors import AuthenticationFailuresLimited, error_body, error_response
+from marketplace.throttling import authentication_failure_count, authentication_refused_wait
 
 logger = logging.getLogger(__name__)
 
@@ -96,17 +97,29 @@ def _registry() -> CollectorRegistry:
     return registry
 
 
+def _presented_token(request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 def _authorized(request) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if settings.METRICS_TOKEN and scheme.lower() == "bearer":
-        return hmac.compare_digest(token.strip().encode(), settings.METRICS_TOKEN.encode())
+    token = _presented_token(request)
+    if settings.METRICS_TOKEN and token is not None:
+        return hmac.compare_digest(token.encode(), settings.METRICS_TOKEN.encode())
     user = request.user
     return user.is_authenticated and user.is_staff and second_factor.session_verified(user)
 
 
 def metrics_view(request):
-    if not _authorized(request):
-        return JsonResponse(error_body("operator_required", "Metrics are for operators: a staff session (its second "
-                                       "factor verified) or `Authorization: Bearer <METRICS_TOKEN>`."), status=403)
+    """A wrong bearer token (METRICS_TOKEN is the operator's choice, perhaps a guessable one) counts against the
+    client's budget of failed authentications, as a wrong API key does (marketplace.throttling)."""
+    wait = authentication_refused_wait(request)
+    if wait is None and not _authorized(request):
+        wait = authentication_failure_count(request) if _presented_token(request) is not None else None
+        if wait is None:
+            return JsonResponse(error_body("operator_required", "Metrics are for operators: a staff session (its "
+                                           "second factor verified) or `Authorization: Bearer <METRICS_TOKEN>`."),
+                                status=403)
+    if wait is not None:
+        return error_response(AuthenticationFailuresLimited(wait))
     return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)

@@ -662,6 +662,9 @@ REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
     "payments": env.str("RATE_LIMIT_PAYMENTS", default="600/min"),  # per agent, purchases and payments
     # per client (address, IPv6 /64): requests without a credential to routes answering anyone (not health probes)
     "anonymous": env.str("RATE_LIMIT_ANONYMOUS", default="600/min"),
+    # per client, bearer secrets no credential has (guesses): past it every request of the client carrying one is
+    # 429 `authentication_failures_limited` until the window ends (marketplace.throttling.authentication_failure_count)
+    "auth_failures": env.str("RATE_LIMIT_AUTH_FAILURES", default="60/min"),
     # per agent, and per owner for it and its agents together: webhook test sends (one post to each of the agent's
     # live subscriptions) and replays
     "webhook_sends": env.str("RATE_LIMIT_WEBHOOK_SENDS", default="10/min"),

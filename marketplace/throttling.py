@@ -200,6 +200,46 @@ def agent_budgets(*, agent_id, owner_id, scopes: tuple[str, ...]) -> list[tuple[
     return [*((agent_budget_key(scope, agent_id), scope) for scope in scopes), owner_budget(owner_id)]
 
 
+# Failed authentications (a bearer secret no credential has) per client (`client_network`): RATE_LIMIT_AUTH_FAILURES.
+AUTH_FAILURES_SCOPE = "auth_failures"
+# Client -> when (time.time()) its spent budget of failed authentications frees it, as this process learnt it.
+_refused_until: dict[str, float] = {}
+_REFUSED_KEPT = 10_000
+
+
+def authentication_failure_count(request) -> int | None:
+    """Count a failed authentication against the client's budget: None while within it, else the seconds until it
+    may authenticate again, every request of it refused meanwhile (`authentication_refused_wait`)."""
+    client = client_network(request)
+    wait = windows_wait([(ScopedRateThrottle.cache_format % {"scope": AUTH_FAILURES_SCOPE, "ident": client},
+                          AUTH_FAILURES_SCOPE)])
+    if wait is not None:
+        if len(_refused_until) > _REFUSED_KEPT:
+            _refused_until.clear()  # a refusal dropped here is learnt again from the client's next failure
+        _refused_until[client] = time.time() + wait
+    return wait
+
+
+def authentication_refused_wait(request) -> int | None:
+    """The seconds until a client that spent its budget of failed authentications may authenticate again, else None:
+    refused whatever it presents, a right guess included, which would otherwise tell a guesser it found a secret.
+
+    Kept per process, learnt from the client's own failures (each process that answers one counts it in the shared
+    budget): no read of the cache, so a valid key's call costs one test of an empty dict and no round trip. A client
+    spread over N processes gets at most N failures past its budget before all of them refuse it."""
+    if not _refused_until:
+        return None
+    client = client_network(request)
+    until = _refused_until.get(client)
+    if until is None:
+        return None
+    wait = math.ceil(until - time.time())
+    if wait <= 0:
+        _refused_until.pop(client, None)
+        return None
+    return wait
+
+
 class CredentialRateThrottle(ScopedRateThrottle):
     """A request's budgets, counted together (`windows_wait`): the credential's `api` budget and its owner's total
     when the request carries one, the view's own scope when it names one, else the client's `anonymous` budget."""

@@ -202,10 +202,17 @@ def readiness_checked_afresh(settings):
 
 @pytest.fixture(autouse=True)
 def anonymous_clients_unlimited(settings):
-    """Every test's client is 127.0.0.1: its requests without a credential, counted per client, would add up across
-    the tests a process runs. Tests of the anonymous budget set it (tests/marketplace/test_throttling.py)."""
+    """Every test's client is 127.0.0.1: its requests without a credential and its failed authentications, counted
+    per client, would add up across the tests a process runs. Tests of those budgets set them
+    (tests/marketplace/test_throttling.py, tests/catalog/test_authentication_failures.py)."""
+    from marketplace import throttling
+
     settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
-        **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "anonymous": "1000000/min"}}
+        **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "anonymous": "1000000/min",
+        "auth_failures": "1000000/min"}}
+    throttling._refused_until.clear()
+    yield
+    throttling._refused_until.clear()
 
 
 @pytest.fixture(autouse=True)

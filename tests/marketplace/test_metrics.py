@@ -1,13 +1,14 @@
 """GET /metrics: Prometheus text for operators only, with request, proxy, charge, chain and task metrics."""
 
 import pytest
+from django.core.cache import cache
 from django.test import Client
 
 from agreements.tasks import deliver_webhook
 from escrow.models import TxStatus
 from tests.agreements.helpers import propose
 from tests.catalog.factories import register_service
-from tests.conftest import Api
+from tests.conftest import Api, error_code
 from tests.marketplace.conftest import active_agreement, scrape
 
 pytestmark = pytest.mark.django_db
@@ -24,6 +25,26 @@ def test_metrics_are_for_operators_only(settings, buyer_api, owner, operator):
 
     assert Client().get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-token-with-enough-entropy").status_code == 200
     assert operator.get("/metrics").status_code == 200
+
+
+def test_guessing_the_scrape_token_is_limited_per_client(settings):
+    """METRICS_TOKEN is the operator's choice, perhaps a short one: wrong tokens count against the client's budget
+    of failed authentications (RATE_LIMIT_AUTH_FAILURES), the right one then tells a guesser nothing."""
+    settings.METRICS_TOKEN = "scrape-token"
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
+        **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "auth_failures": "2/hour"}}
+    cache.clear()
+    guesser = Client(REMOTE_ADDR="198.51.100.7")
+    for guess in ("scrape-tokem", "scrape-tokel"):
+        assert guesser.get("/metrics", HTTP_AUTHORIZATION=f"Bearer {guess}").status_code == 403
+    for token in ("scrape-tokek", "scrape-token"):
+        response = guesser.get("/metrics", HTTP_AUTHORIZATION=f"Bearer {token}")
+        assert response.status_code == 429
+        assert error_code(response) == "authentication_failures_limited"
+        assert int(response["Retry-After"]) > 0
+    scraper = Client(REMOTE_ADDR="203.0.113.9")
+    assert scraper.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-token").status_code == 200
+    cache.clear()
 
 
 def test_no_token_configured_means_no_token_is_accepted(settings):
