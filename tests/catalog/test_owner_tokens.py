@@ -1,6 +1,9 @@
 """Owner tokens with scopes (read < approve < admin), issued by an owner for what needs less power than its own
 token: a dashboard reads, an approvals app decides held purchases, neither changes policies, agents or keys."""
 
+import getpass
+import io
+import logging
 import uuid
 from datetime import timedelta
 
@@ -136,3 +139,26 @@ def test_an_operator_issues_an_owners_first_token_with_a_command(capsys):
     assert Api(secret).get("/owner-tokens").json()["results"][0]["is_this_token"] is True
     with pytest.raises(CommandError, match="No account"):
         call_command("owner_token_issue", "nobody")
+
+
+def test_a_token_issued_from_the_shell_is_logged_with_who_ran_the_command(caplog):
+    """Nothing else records it: the token's row says `issued_with: null`, as one an admin session issued says."""
+    owner = UserFactory(username="ada")
+    with caplog.at_level(logging.WARNING, logger="catalog"):
+        call_command("owner_token_issue", "ada", stdout=io.StringIO())
+    token = OwnerToken.objects.get(owner=owner)
+    record = next(record for record in caplog.records if record.getMessage() == "owner token issued from the shell")
+    assert (record.owner_id, record.token_prefix, record.scope) == (owner.pk, token.prefix, "admin")
+    assert record.os_user == getpass.getuser()
+
+
+def test_an_operators_token_is_issued_from_the_shell_only_when_asked_for_as_one():
+    """An admin-scope token of a staff account acts as an operator in the API (disputes, credentials) with no second
+    factor: issued for them by mistake (a username mistyped for an owner's), it is refused unless the command is told."""
+    operator = UserFactory(username="op", is_staff=True)
+    with pytest.raises(CommandError, match="--operator"):
+        call_command("owner_token_issue", "op", stdout=io.StringIO())
+    assert not OwnerToken.objects.filter(owner=operator).exists()
+    call_command("owner_token_issue", "op", "--scope", "read", stdout=io.StringIO())  # acts as an owner only
+    call_command("owner_token_issue", "op", "--operator", stdout=io.StringIO())
+    assert OwnerToken.objects.filter(owner=operator, scope="admin").exists()
