@@ -24,6 +24,7 @@ import base64
 import functools
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django import forms
 from django.conf import settings
@@ -44,6 +45,7 @@ from drf_spectacular import authentication as spectacular_authentication
 from rest_framework import authentication
 
 from marketplace.errors import InvalidInput
+from marketplace.throttling import authentication_failure_count, authentication_refused_wait
 from marketplace.models import AuthenticatorAppDevice, RecoveryCode, RecoveryCodeDevice
 from marketplace.totp_keys import TotpKeyUnreadable, totp_key_reseal, totp_key_seal
 
@@ -145,8 +147,25 @@ class OperatorAdminSite(OTPAdminSite):
         return "admin/marketplace_login.html" if required() else None
 
     def login(self, request, extra_context=None):
-        # The template adds a note above django-otp's login form, whichever its version names.
-        return super().login(request, {**(extra_context or {}), "otp_login_template": OTPAdminSite.login_template})
+        """Failed logins also count against the client's budget of failed authentications, whatever the username
+        (axes counts per username and client: one client trying a few passwords on each of many usernames was never
+        stopped); past it, the client's logins are refused, right ones too, until the window ends."""
+        posted = request.method == "POST"
+        wait = authentication_refused_wait(request) if posted else None
+        if wait is None:
+            # The template adds a note above django-otp's login form, whichever its version names.
+            response = super().login(request, {**(extra_context or {}),
+                                               "otp_login_template": OTPAdminSite.login_template})
+            if not posted or request.user.is_authenticated:
+                return response
+            wait = authentication_failure_count(request)
+            if wait is None:
+                return response
+        refused = render(request, "admin/marketplace_authentication_refused.html",
+                         {**self.each_context(request), "title": "Too many failed logins",
+                          "wait": timesince(timezone.now() - timedelta(seconds=wait))}, status=429)
+        refused["Retry-After"] = str(wait)
+        return refused
 
     def has_permission(self, request):
         if required():

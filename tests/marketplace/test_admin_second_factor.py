@@ -25,6 +25,7 @@ from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from axes.handlers.proxy import AxesProxyHandler
 from axes.models import AccessAttempt, AccessFailureLog, AccessLog
 from django.contrib.auth import get_user_model
+from django.core.cache import cache
 from django.core.management import CommandError, call_command
 from django.db import connection, connections, transaction
 from django.db.models import F
@@ -601,6 +602,24 @@ def test_wrong_passwords_lock_the_username_out_for_a_while_even_with_the_right_p
     assert locked_out(log_in(client, "operator", PASSWORD, code(uri)))
     wait_passed(6)
     assert log_in(client, "operator", PASSWORD, code(uri)).url == "/admin/"
+
+
+def test_a_client_guessing_across_usernames_spends_its_budget_of_failed_authentications(staff, settings):
+    """The lockout counts per username and client: one client trying a few passwords on each of many usernames was
+    never stopped. Its failed logins count against its RATE_LIMIT_AUTH_FAILURES, as wrong API keys do; past it, it is
+    refused even the right password and code, while the operator logs in from elsewhere."""
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
+        **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "auth_failures": "3/hour"}}
+    cache.clear()
+    uri = enrol("operator")
+    guesser = Client(REMOTE_ADDR="198.51.100.7")
+    for username in ("admin", "root", "ops"):
+        assert wrong_password(log_in(guesser, username, "a guess"))
+    refused = log_in(guesser, "operator", "a guess")
+    assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
+    assert log_in(guesser, "operator", PASSWORD, code(uri)).status_code == 429
+    assert log_in(Client(REMOTE_ADDR="203.0.113.9"), "operator", PASSWORD, code(uri)).url == "/admin/"
+    cache.clear()
 
 
 def test_the_right_password_with_wrong_or_missing_codes_counts_as_failed_logins(staff, settings):
