@@ -7,7 +7,7 @@ from django.db.models import F
 from catalog.models import Service
 from marketplace import tasks
 from marketplace.models import IdempotencyRecord
-from tests.catalog.factories import AgentFactory, issue_key, service_data
+from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token, service_data
 from tests.conftest import Api, error_code
 
 pytestmark = pytest.mark.django_db
@@ -112,3 +112,20 @@ def test_an_idempotency_key_replays_for_its_ttl_then_is_forgotten_and_its_record
         created_at=F("created_at") - settings.IDEMPOTENCY_KEY_TTL - timedelta(seconds=1))
     assert tasks.purge_expired_idempotency_records() == 1
     assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["reg-ttl"]
+
+
+def test_another_tenant_sending_the_same_idempotency_key_and_body_gets_its_own_answer(seller_api):
+    """Keys are scoped per agent and per owner: a tenant who learns or guesses another's key (a client's "retry-1")
+    and sends the very same request is answered afresh, never the other's stored answer (which may name its rows)."""
+    headers = {"Idempotency-Key": "retry-1"}
+    first = seller_api.post("/agents/services", service_data(), headers=headers)
+    other = Api(issue_key(AgentFactory(is_seller=True))).post("/agents/services", service_data(), headers=headers)
+    assert (first.status_code, other.status_code) == (201, 201)
+    assert "Idempotent-Replayed" not in other
+    assert other.json()["id"] != first.json()["id"]
+
+    owners = [Api(issue_owner_token(UserFactory())) for _ in range(2)]
+    tokens = [api.post("/owner-tokens", {"scope": "read", "name": "ci"}, headers=headers) for api in owners]
+    assert [token.status_code for token in tokens] == [201, 201]
+    assert "Idempotent-Replayed" not in tokens[1]
+    assert tokens[1].json()["secret"] and tokens[1].json()["id"] != tokens[0].json()["id"]
