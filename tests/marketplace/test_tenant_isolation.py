@@ -561,7 +561,7 @@ def test_unusable_credentials_are_refused_on_every_operation_that_takes_credenti
 # --- objects named in a body or a query ---------------------------------------------------------------------------
 
 # A request field or query parameter naming an object: an id, a registry id, a blockchainIdentifier, a wallet.
-REFERENCE = re.compile(r"(^|_)id$|Identifier$|^(seller|buyer|agent|after|cursorId)$|vkey$|_(sellers|services)$",
+REFERENCE = re.compile(r"(^|_)id$|Identifier$|^(seller|buyer|agent|after|cursor|cursorId)$|vkey$|_(sellers|services)$",
                        re.IGNORECASE)
 
 
@@ -617,6 +617,13 @@ REFERENCES = {
                                                                    "seller"),
     ("masumi_payment_authorize_refund", "blockchainIdentifier"): Named("purchase", NETWORK, "seller"),
     ("masumi_registry_deregister", "agentIdentifier"): Named("unlisted", NETWORK, "seller"),
+    # A signed position (the sort values of the last row of a page), applied as a filter on the caller's own rows:
+    # no row is looked up by it, so another tenant's cursor names nothing and a forged one is 400 `invalid_cursor`.
+    **{(operation, "cursor"): Named(why="a signed position in the caller's own list (marketplace.pagination)")
+       for operation in ("api_keys_list", "approvals_list", "agent_webhooks_deliveries", "services_list_own",
+                         "catalog_search", "owner_tokens_list", "agreements_list", "agreements_call_proofs",
+                         "agreements_cumulative_receipts", "agreements_events", "agreements_usage",
+                         "agreements_of_agent", "webhooks_deliveries")},
 }
 
 
