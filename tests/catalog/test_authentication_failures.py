@@ -10,14 +10,27 @@ from django.core.cache import cache
 
 from tests.catalog.factories import issue_key, issue_owner_token
 from tests.conftest import Api, error_code
+from tests.faults.processes import RedisServer
 
 pytestmark = pytest.mark.django_db
 
 ATTACKER, VICTIM = "198.51.100.7", "203.0.113.9"
 
 
-@pytest.fixture
-def failures_allowed(settings):
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["locmem", "redis"])
+def failures_allowed(request, settings):
+    """Every test below runs with the counts in memory and in Redis (production's CACHE_URL)."""
+    if request.param == "redis":
+        settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                       "LOCATION": request.getfixturevalue("redis_server").url}}
+
     def allow(rate: str) -> None:
         settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
             **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "auth_failures": rate}}
