@@ -19,6 +19,7 @@ class MarketplaceConfig(AppConfig):
         checks.register(chainconfig.signing_keys_check)
         checks.register(caching.shared_cache_check, deploy=True)
         checks.register(outbound.private_addresses_check, deploy=True)
+        checks.register(metrics.metrics_token_check, deploy=True)
         checks.register(money.amount_limit_check)
 
 

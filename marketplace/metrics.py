@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 from celery.signals import task_failure
 from django.conf import settings
+from django.core import checks
 from django.db import DatabaseError
 from django.http import HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, generate_latest
@@ -95,6 +96,21 @@ def _registry() -> CollectorRegistry:
         registry.register(_ThisProcess())
     registry.register(_DatabaseCounts())
     return registry
+
+
+METRICS_TOKEN_MIN_LENGTH = 32  # as long as `secrets.token_urlsafe(24)`'s: 192 random bits
+
+
+def metrics_token_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """Deployment system check (E005): METRICS_TOKEN, when set, is long enough not to be guessed. Wrong tokens are
+    budgeted per client (RATE_LIMIT_AUTH_FAILURES), but a client with many addresses has that budget on each."""
+    token = settings.METRICS_TOKEN
+    if not token or len(token) >= METRICS_TOKEN_MIN_LENGTH:
+        return []
+    return [checks.Error(
+        f"METRICS_TOKEN is {len(token)} characters: a token under {METRICS_TOKEN_MIN_LENGTH} may be guessed by a "
+        "client with many addresses.",
+        hint='Generate one: python -c "import secrets; print(secrets.token_urlsafe(32))".', id="marketplace.E005")]
 
 
 def _presented_token(request) -> str | None:

@@ -46,6 +46,20 @@ def test_check_deploy_refuses_the_ssrf_guard_turned_off_without_debug(settings):
         call_command("check", deploy=True, stdout=io.StringIO())
 
 
+def test_check_deploy_refuses_a_metrics_token_short_enough_to_guess(settings):
+    """METRICS_TOKEN is the operator's own string: wrong ones are budgeted per client (RATE_LIMIT_AUTH_FAILURES), but
+    a client with many addresses gets that budget on each, so a short token is guessed all the same."""
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": "redis://127.0.0.1:6379/0"}}
+    settings.ALLOW_PRIVATE_UPSTREAMS = False
+    settings.METRICS_TOKEN = "prometheus-2026"
+    with pytest.raises(SystemCheckError, match=r"(?s)marketplace.E005\) METRICS_TOKEN is 15 characters"):
+        call_command("check", deploy=True, stdout=io.StringIO())
+    for token in ("", "k" * 32):  # none (staff sessions only), or one as long as `secrets.token_urlsafe(24)`'s
+        settings.METRICS_TOKEN = token
+        call_command("check", deploy=True, stdout=io.StringIO())
+
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
