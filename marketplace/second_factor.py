@@ -156,7 +156,7 @@ class OperatorAdminSite(OTPAdminSite):
             # The template adds a note above django-otp's login form, whichever its version names.
             response = super().login(request, {**(extra_context or {}),
                                                "otp_login_template": OTPAdminSite.login_template})
-            if not posted or request.user.is_authenticated:
+            if not posted or response.status_code == 302:  # a login redirects; a failure shows the form again
                 return response
             wait = authentication_failure_count(request)
             if wait is None:
