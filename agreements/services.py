@@ -604,9 +604,15 @@ def agreement_propose(*, proposal: Proposal, approval_can_wait: bool = True) -> 
                          "deposit_atomic": proposal.deposit, "infra_fee_atomic": proposal.fee,
                          "token": proposal.token},
             )
-        _record_event(agreement, actor=Actor.agent(proposal.buyer, "buyer"), from_status="", reason=decision.rule,
+        # Both parties read the trail: the seller learns the purchase waits for the buyer's owner, not the rule
+        # (its threshold, or who edited the policy) that the owner reads on the approval request.
+        _record_event(agreement, actor=Actor.agent(proposal.buyer, "buyer"), from_status="",
+                      reason=_AWAITING_APPROVAL_REASON if needs_approval else "",
                       data={"policy": decision.outcome.value})
     return agreement
+
+
+_AWAITING_APPROVAL_REASON = "awaiting the buyer's owner's approval"
 
 
 def _approval_possible_until(proposal: Proposal) -> datetime:
