@@ -659,7 +659,7 @@ def _buyer_policy_decision(*, buyer: Agent, service: Service, token: str, amount
                        code="unfunded_agreements_limit_reached",
                        details={"max_unfunded_agreements": limit, "window_seconds": window})
     decision = policy_selectors.purchase_decision(
-        agent=buyer, seller=service.seller, service_id=str(service.pk),
+        agent=buyer, service=service,
         tags=frozenset(tag.name for tag in service.tags.all()), token=token,  # prefetched by the selectors
         amount=amount, spent_last_day=spends.last_day, spent_last_month=spends.last_month,
     )

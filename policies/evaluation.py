@@ -25,6 +25,8 @@ class Purchase:
     buyer_owner_id: int | None = None
     # Handles of other agents of the seller's owner, or paid to its proven wallet: a blocked one blocks this seller.
     seller_kin_handles: frozenset[str] = frozenset()
+    # The blocked service this one lists again (the same upstream, or its seller's owner's same name): blocked too.
+    listing_of_blocked_service: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ def evaluate(policy: Policy | None, purchase: Purchase, spend: Spend) -> Decisio
         return deny("allowed_sellers", "The seller is not on the allowed list.", seller=purchase.seller_handle)
     if purchase.service_id in policy.blocked_services:
         return deny("blocked_services", "The service is blocked by policy.", service=purchase.service_id)
+    if purchase.listing_of_blocked_service:
+        return deny("blocked_services", "The service lists a service blocked by policy again.",
+                    service=purchase.service_id, listing_of=purchase.listing_of_blocked_service)
     if policy.allowed_services and purchase.service_id not in policy.allowed_services:
         return deny("allowed_services", "The service is not on the allowed list.", service=purchase.service_id)
     tags = {tag_normalise(tag) for tag in purchase.tags}

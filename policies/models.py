@@ -22,6 +22,9 @@ class Policy(models.Model):
     blocked_sellers = models.JSONField(default=list, blank=True, help_text="Seller handles.")
     allowed_services = models.JSONField(default=list, blank=True, help_text="Service ids.")
     blocked_services = models.JSONField(default=list, blank=True, help_text="Service ids.")
+    # Each blocked service as it was when blocked (`rules.service_identity`): one changed since to look like
+    # something else (its upstream, its name) still blocks the listings of what it was.
+    blocked_service_identities = models.JSONField(default=list, blank=True, editable=False)
     allowed_tags = models.JSONField(default=list, blank=True)
     blocked_tags = models.JSONField(default=list, blank=True)
     allowed_tokens = models.JSONField(default=list, blank=True)

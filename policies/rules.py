@@ -3,8 +3,10 @@ same serializer): lists of text, handles lowercase, service ids hyphenated lower
 them. Migration 0005 rewrote the rules stored otherwise; evaluation denies by a rule in any other form (fails
 closed) rather than guess what its owner meant."""
 
+import unicodedata
 import uuid
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from marketplace.tags import tag_normalise
 
@@ -75,3 +77,36 @@ def rules_unreadable(policy) -> list[str]:
     """The list rules of `policy` not stored as the API writes them (`rule_is_canonical`), which evaluation denies
     every purchase by (fails closed) until the owner sets them again."""
     return [name for name in LIST_RULES if not rule_is_canonical(name, getattr(policy, name))]
+
+
+# What a service is beyond its id, for `blocked_services`: a seller deregistering a blocked service and listing the
+# same thing again got a new id. Its upstream (host, port and path, whatever the scheme, case, default port,
+# trailing slash, query or credentials) is the same whoever lists it; its name (NFKC, case-folded, spaces collapsed)
+# the same within its seller's owner.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def upstream_identity(url: str) -> str:
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").rstrip(".")
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        pass  # kept as spelt: compared as such
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port_part = "" if port in (None, _DEFAULT_PORTS.get(parts.scheme.lower())) else f":{port}"
+    path = "/".join(segment for segment in parts.path.split("/") if segment)
+    return f"{host}{port_part}/{path}".casefold()
+
+
+def name_identity(name: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+
+
+def service_identity(*, service_id, upstream_base_url: str, name: str, seller_owner_id: int | None) -> dict:
+    """A blocked service as `Policy.blocked_service_identities` keeps it, and as its listings again are matched."""
+    return {"service": str(service_id), "upstream": upstream_identity(upstream_base_url),
+            "name": name_identity(name), "seller_owner": seller_owner_id}

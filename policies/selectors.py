@@ -4,7 +4,7 @@ from functools import lru_cache
 from django.db import connection
 from django.db.models import Count, Q
 
-from catalog.models import Agent
+from catalog.models import Agent, Service
 from marketplace.errors import NotFound
 from marketplace.postgresql import prepared_cursor
 from marketplace.rows import ModelColumns, model_columns
@@ -17,16 +17,52 @@ def policy_of(*, agent: Agent) -> Policy | None:
     return Policy.objects.filter(agent=agent).first()
 
 
-def purchase_decision(*, agent: Agent, seller: Agent, service_id: str, tags: frozenset[str], token: str,
+def purchase_decision(*, agent: Agent, service: Service, tags: frozenset[str], token: str,
                       amount: int, spent_last_day: int, spent_last_month: int) -> Decision:
-    """The agent's owner policy on a purchase of `amount` (everything that can leave the wallet) from `seller`, given
+    """The agent's owner policy on a purchase of `amount` (everything that can leave the wallet) of `service`, given
     what the agent committed in the last day and month."""
     policy = policy_of(agent=agent)
+    seller = service.seller
     return evaluate(policy,
-                    Purchase(seller_handle=seller.handle, service_id=service_id, tags=tags, token=token, amount=amount,
-                             seller_owner_id=seller.owner_id, buyer_owner_id=agent.owner_id,
-                             seller_kin_handles=_blocked_kin_of(policy, seller=seller, buyer=agent)),
+                    Purchase(seller_handle=seller.handle, service_id=str(service.pk), tags=tags, token=token,
+                             amount=amount, seller_owner_id=seller.owner_id, buyer_owner_id=agent.owner_id,
+                             seller_kin_handles=_blocked_kin_of(policy, seller=seller, buyer=agent),
+                             listing_of_blocked_service=_blocked_service_listed_again(policy, service=service,
+                                                                                      buyer=agent)),
                     Spend(last_day=spent_last_day, last_month=spent_last_month))
+
+
+def _current_identities(service_ids) -> list[dict]:
+    return [rules.service_identity(service_id=pk, upstream_base_url=upstream, name=name, seller_owner_id=owner_id)
+            for pk, upstream, name, owner_id in Service.objects.filter(pk__in=service_ids).values_list(
+                "pk", "upstream_base_url", "name", "seller__owner_id")]
+
+
+def blocked_service_identities(*, blocked, recorded: list) -> list[dict]:
+    """`Policy.blocked_service_identities` for the blocked ids `blocked`: what was recorded of those still blocked,
+    and the identity now of those newly blocked (what their owner saw when blocking them)."""
+    if not blocked or not rules.rule_is_canonical("blocked_services", blocked):
+        return []
+    kept = [identity for identity in recorded if identity.get("service") in blocked]
+    known = {identity["service"] for identity in kept}
+    return kept + _current_identities([service_id for service_id in blocked if service_id not in known])
+
+
+def _blocked_service_listed_again(policy: Policy | None, *, service: Service, buyer: Agent) -> str:
+    """The id of the blocked service that `service` lists again (`rules.service_identity`: its upstream, whoever
+    lists it; its name, within its seller's owner), as it was when blocked or as it is now; "" when none. Read only
+    when the policy blocks services and not this one by its id; not for the buyer's owner's own services, which that
+    owner tells apart."""
+    blocked = policy.blocked_services if policy is not None else []
+    if (not blocked or not rules.rule_is_canonical("blocked_services", blocked) or str(service.pk) in blocked
+            or service.seller.owner_id == buyer.owner_id):
+        return ""
+    upstream, name = rules.upstream_identity(service.upstream_base_url), rules.name_identity(service.name)
+    for identity in [*policy.blocked_service_identities, *_current_identities(blocked)]:
+        if identity.get("upstream") == upstream or (identity.get("seller_owner") == service.seller.owner_id
+                                                    and identity.get("name") == name):
+            return str(identity.get("service", ""))
+    return ""
 
 
 def _blocked_kin_of(policy: Policy | None, *, seller: Agent, buyer: Agent) -> frozenset[str]:

@@ -73,6 +73,8 @@ def _policy_write(*, agent: Agent, actor, data: dict, keep_missing: bool = False
             if before != after:
                 changes[name] = (before, after)
             setattr(policy, name, after)
+        policy.blocked_service_identities = selectors.blocked_service_identities(
+            blocked=policy.blocked_services, recorded=policy.blocked_service_identities)
         policy.updated_by = actor
         policy.save()
     return policy, changes

@@ -1,10 +1,11 @@
-
+import uuid
 import pytest
 
+from agreements.models import UsageAgreement
 from policies.models import ApprovalRequest, Policy
-from tests.agreements.helpers import propose
+from tests.agreements.helpers import proposal, propose
 from tests.agreements.test_webhooks import subscribe
-from tests.catalog.factories import register_service
+from tests.catalog.factories import AgentFactory, register_service
 
 pytestmark = pytest.mark.django_db
 
@@ -42,3 +43,36 @@ def test_a_held_proposal_tells_the_seller_only_that_it_awaits_the_buyers_approva
     assert event["reason"] == "awaiting the buyer's owner's approval"
     # The buyer's owner still reads the rule on its approval request.
     assert ApprovalRequest.objects.get(subject_id=held["id"]).rule == rule
+
+
+def _listed(seller, name: str, upstream: str):
+    return register_service(seller, name=name, upstream_base_url=upstream,
+                            skills=[{"name": f"skill-{uuid.uuid4().hex[:8]}", "description": "A skill",
+                                     "price_atomic": 20000}])
+
+
+def test_a_blocked_service_listed_again_under_a_new_id_is_still_blocked(owner_api, buyer, buyer_api, seller,
+                                                                         seller_api, service):
+    """`blocked_services` held the service's id: its seller deregistered it and listed the same thing again (same
+    upstream, or same name) under a new id, and the owner's buyer bought it. A blocked service blocks its listings
+    again: the same upstream (spelt in another case, a trailing slash) whoever lists it, and its seller's owner's
+    services of the same name, also once the blocked one was changed to look like something else."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"blocked_services": [str(service.pk)]})
+    moved = seller_api.patch(f"/agents/services/{service.pk}", {"name": "Something else",
+                                                               "upstream_base_url": "https://other.example.net/x"})
+    assert moved.status_code == 200, moved.content
+    same_owner = AgentFactory(owner=seller.owner, handle="seller-again", is_buyer=False, is_seller=True)
+    another_owner = AgentFactory(handle="seller-reseller", is_buyer=False, is_seller=True)
+    relistings = [_listed(seller, "Fast translator v2", "HTTPS://Translator.EXAMPLE.com:443/api/"),
+                  _listed(same_owner, " fast  TRANSLATOR ", "https://new-host.example.org/"),
+                  _listed(another_owner, "Reseller", "https://translator.example.com/api"),
+                  _listed(seller, "Renamed away", "https://other.example.net/x")]
+    for relisting in relistings:
+        response = buyer_api.post("/usage-agreements", proposal(relisting))
+        assert response.status_code == 403, (relisting.name, response.content)
+        assert response.json()["error"]["details"] == {"rule": "blocked_services", "service": str(relisting.pk),
+                                                       "listing_of": str(service.pk)}
+    assert not UsageAgreement.objects.exists()
+    for unrelated in (_listed(seller, "Summariser", "https://translator.example.com/summarise"),
+                      _listed(another_owner, "Fast translator", "https://reseller.example.com/api")):
+        assert propose(buyer_api, unrelated)["status"] == "proposed"
