@@ -153,6 +153,11 @@ def can_activate(agreement: "UsageAgreement") -> bool:
     return agreement.status in AWAITING_FUNDING_STATUSES
 
 
+# UsageAgreement.completion_code of a funding the chain applied after the agreement was closed (the others are the
+# code of the buyer's owner policy's refusal of a funding the buyer sent itself).
+FUNDED_AFTER_CLOSE = "funded_after_close"
+
+
 def is_closed(agreement: "UsageAgreement") -> bool:
     return agreement.status in CLOSED_STATUSES
 
@@ -294,6 +299,11 @@ class UsageAgreement(PaymentReversal):
     completion_requested_at = models.DateTimeField(
         null=True, blank=True, help_text="No new charges after this; settlement is proposed once nothing is reserved.")
     completion_reason = models.CharField(max_length=100, blank=True)
+    completion_code = models.CharField(
+        max_length=40, blank=True,
+        help_text="The machine-readable code of a completion the platform asked for as it applied a funding it did "
+                  "not check: the policy's refusal (`policy_denied`, `approval_required`, `amount_too_large`), or "
+                  "`funded_after_close`; blank otherwise.")
     challenge_deadline = models.DateTimeField(null=True, blank=True)
     proposed_seq = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="The seq of the usage receipt proposed on-chain last (the escrow's lastSeq).")

@@ -222,6 +222,11 @@ class AgreementSerializer(FieldsBoundOnceSerializer):
                                    "the buyer paid nothing, the seller was told it was paid; null otherwise.")
     completion_requested_at = serializers.DateTimeField(allow_null=True)
     completion_reason = serializers.CharField(allow_blank=True)
+    completion_code = serializers.CharField(
+        allow_blank=True, help_text="Why the platform asked for the completion as it applied a funding it did not "
+                                    "check: the buyer's owner policy's refusal (`policy_denied`, `approval_required`, "
+                                    "`amount_too_large`) or `funded_after_close`; the deposit goes back through a "
+                                    "settlement of nothing. Blank otherwise.")
     challenge_deadline = serializers.DateTimeField(allow_null=True)
     proposed_atomic = AtomicAmountField(
         source="proposed_amount", allow_null=True,

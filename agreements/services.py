@@ -50,6 +50,7 @@ from agreements.models import (
     AWAITING_FUNDING_STATUSES,
     CLOSED_PROPOSAL_LATE_USE_MARGIN_SECONDS,
     CLOSED_STATUSES,
+    FUNDED_AFTER_CLOSE,
     NO_PAYMENT_REVERSAL,
     TRANSITIONS,
     UNFUNDED_LAPSED_STATUSES,
@@ -1504,7 +1505,8 @@ def agreement_activation_confirmed(*, agreement_id, tx_hash: str, receipt_signer
                                   reason=f"escrow funded on-chain past the buyer's owner policy ({rule}): its "
                                          "deposit goes back to the buyer through a settlement of nothing",
                                   changes={"activation_tx_hash": tx_hash, "completion_requested_at": timezone.now(),
-                                           "completion_reason": f"funded past the buyer's owner policy: {rule}"[:100]})
+                                           "completion_reason": f"funded past the buyer's owner policy: {rule}"[:100],
+                                           "completion_code": refusal.code}, code=refusal.code)
     elif is_closed(agreement):
         # The buyer's signed intent ran after the agreement was closed (see TRANSITIONS). The escrow holds the deposit,
         # which only the contract can give back: completion is asked for in the same write, so nothing is charged
@@ -1513,7 +1515,8 @@ def agreement_activation_confirmed(*, agreement_id, tx_hash: str, receipt_signer
                            reason=f"escrow funded on-chain after the agreement was {agreement.status}: its deposit "
                                   "goes back to the buyer through a settlement of nothing",
                            changes={"activation_tx_hash": tx_hash, "completion_requested_at": timezone.now(),
-                                    "completion_reason": "funded after it was closed"})
+                                    "completion_reason": "funded after it was closed",
+                                    "completion_code": FUNDED_AFTER_CLOSE}, code=FUNDED_AFTER_CLOSE)
     return _chain_outcome(agreement_id, to=S.ACTIVE, actor=SYSTEM, reason="escrow funded on-chain",
                           data={"tx_hash": tx_hash}, changes={"activation_tx_hash": tx_hash})
 
@@ -1761,7 +1764,7 @@ def agreement_chain_rollback(*, agreement_id, produced_by_removed: set[str], bac
     if agreement.status == S.ACTIVE and back_to != S.ACTIVE:
         fields["activated_at"] = None
     if back_to in CLOSED_STATUSES:  # the escrow funded after the close is gone: nothing to complete
-        fields.update(completion_requested_at=None, completion_reason="")
+        fields.update(completion_requested_at=None, completion_reason="", completion_code="")
     if agreement.status == back_to and not fields:
         return None
     return _status_set_outside_table(agreement, to=back_to, reason=reason, fields=fields, data={"reorg": True})

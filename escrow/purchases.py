@@ -82,7 +82,14 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from agreements import services as agreement_services
-from agreements.models import AWAITING_FUNDING_STATUSES, AgreementStatus, UsageAgreement, can_activate, is_closed
+from agreements.models import (
+    AWAITING_FUNDING_STATUSES,
+    FUNDED_AFTER_CLOSE,
+    AgreementStatus,
+    UsageAgreement,
+    can_activate,
+    is_closed,
+)
 from catalog.models import Agent, Availability, Service, ServiceState, UpstreamProtocol
 from escrow import chain, chain_clock, selectors, services, settlement
 from escrow.models import ChainTransaction, MasumiPaymentRequest, MasumiPurchase, TxPurpose
@@ -1051,6 +1058,10 @@ def purchase_onchain_state(purchase: MasumiPurchase) -> str | None:
 
 # NextAction's errorType of a disputed purchase whose release the ticks stopped trying (`settlement.resolution_due`).
 DISPUTE_RELEASE_FAILED = "DisputeReleaseFailed"
+# NextAction's errorType of a purchase its buyer funded itself that its owner's policy refuses (errorCode: the
+# refusal's), or that it funded after the purchase closed: given back through a settlement of nothing.
+REFUSED_BY_POLICY = "RefusedByPolicy"
+FUNDED_AFTER_CLOSE_ERROR = "FundedAfterClose"
 
 
 def purchase_next_action(purchase: MasumiPurchase) -> dict:
@@ -1077,6 +1088,11 @@ def purchase_next_action(purchase: MasumiPurchase) -> dict:
         action = "SetRefundRequestedInitiated" if purchase.result_hash else "WaitingForExternalAction"
     elif is_closed(agreement):
         error_type, note = "Closed", agreement.status_reason or agreement.status
+    if agreement.completion_code and error_type is None and agreement.status not in (S.SETTLED, S.REFUNDED):
+        # Funded by the buyer itself past its owner's policy, or after the purchase closed: its job is never started
+        # and a settlement of nothing gives the money back; FundsLocked alone left the buyer waiting for a result.
+        error_type = FUNDED_AFTER_CLOSE_ERROR if agreement.completion_code == FUNDED_AFTER_CLOSE else REFUSED_BY_POLICY
+        code, note = agreement.completion_code, agreement.completion_reason
     if purchase.refund_requested_at is not None and not purchase.refund_signature and error_type is None:
         error_type, note = "RefundSignatureMissing", ("Sign refundRequestTypedData and PATCH /purchase to be refunded "
                                                       "by the purchase's timers; else by reclaim after the grace.")

@@ -309,6 +309,9 @@ def test_a_masumi_purchase_funded_before_pay_by_time_and_expired_before_it_was_i
         assert seller_service.started == []
         agreement = parties.agreement(created["agreementId"])
         assert agreement["status"] == "active"
+        [purchase] = parties.buyer_api.get("/purchase", {"network": "Preprod"}).json()["data"]["Purchases"]
+        assert (purchase["NextAction"]["errorType"], purchase["NextAction"]["errorCode"]) == (
+            "FundedAfterClose", "funded_after_close")
         assert tick(capture)["proposed"] == 1
         chain.increase_time(agreement["challenge_window_seconds"] + 1)
         assert tick(capture)["finalizing"] == 1
@@ -552,3 +555,53 @@ def test_only_the_buyers_own_wallet_can_revoke_a_signed_intent_on_chain(
     index(capture)
     assert parties.agreement(agreement["id"])["status"] == "cancelled"
     assert usdc_balance(chain, chain.addresses["escrow"]) == 0
+
+
+def test_a_masumi_purchase_the_buyer_funded_itself_that_its_owners_policy_refuses_says_so_and_is_refunded(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """The buyer's agent sends the purchase's signed intent itself after its owner blocked the seller: the funding
+    is applied as refused by the policy (active, its completion asked for at once, a settlement of nothing), but
+    the purchase showed FundsLocked with nothing to do and no error while its job was never started: its buyer
+    waited for a result that would not come. It says why, and its seller's job is not started."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    seller_service = MasumiService().start()
+    try:
+        parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[],
+                          pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE,
+                                   "token": "USDC"})
+        created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
+                                                       "agentIdentifier": str(parties.service.pk)}).json()["data"]
+        package = created["ActivationPackage"]
+        signed = sign_activation(chain, package, parties.agreement(created["agreementId"]),
+                                 parties.buyer_account.key)
+        owner_api = Api(issue_owner_token(parties.buyer.owner))
+        blocked = owner_api.put(f"/agents/{parties.buyer.pk}/policies",
+                                {"blocked_sellers": [parties.service.seller.handle]})
+        assert blocked.status_code == 200, blocked.content
+        relay(chain, package, signed)
+        index(capture)
+        run(capture, purchases.purchases_jobs_tick)
+        assert seller_service.started == []
+
+        def shown() -> dict:
+            [purchase] = parties.buyer_api.get("/purchase", {"network": "Preprod"}).json()["data"]["Purchases"]
+            return purchase
+
+        purchase = shown()
+        assert purchase["NextAction"]["errorCode"] == "policy_denied", purchase
+        assert purchase["NextAction"]["errorType"] == "RefusedByPolicy"
+        assert "blocked_sellers" in purchase["NextAction"]["errorNote"]
+        events = parties.buyer_api.get(f"/usage-agreements/{created['agreementId']}/events").json()["results"]
+        [funded] = [event for event in events if event["to_status"] == "active"]
+        assert funded["data"]["code"] == "policy_denied"
+        agreement = parties.agreement(created["agreementId"])
+        assert tick(capture)["proposed"] == 1
+        assert shown()["NextAction"]["errorCode"] == "policy_denied"
+        chain.increase_time(agreement["challenge_window_seconds"] + 1)
+        assert tick(capture)["finalizing"] == 1
+        purchase = shown()
+        assert purchase["onChainState"] == "RefundWithdrawn"
+        assert seller_service.started == []
+        call_command("reconcile", stdout=io.StringIO())
+    finally:
+        seller_service.stop()
