@@ -20,6 +20,7 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 
 from agreements import invocations, selectors, webhooks, x402_protocol
 # Skill invocations' and x402 payments' writes the escrow app drives (paying, settling), offered here as well.
@@ -603,7 +604,7 @@ def agreement_propose(*, proposal: Proposal, approval_can_wait: bool = True) -> 
                 possible_until=_approval_possible_until(proposal),
                 summary={"service": proposal.service.name, "seller": proposal.service.seller.handle,
                          "deposit_atomic": proposal.deposit, "infra_fee_atomic": proposal.fee,
-                         "token": proposal.token},
+                         "token": proposal.token, "service_version": _service_version(proposal.service)},
             )
         # Both parties read the trail: the seller learns the purchase waits for the buyer's owner, not the rule
         # (its threshold, or who edited the policy) that the owner reads on the approval request.
@@ -614,6 +615,15 @@ def agreement_propose(*, proposal: Proposal, approval_can_wait: bool = True) -> 
 
 
 _AWAITING_APPROVAL_REASON = "awaiting the buyer's owner's approval"
+
+
+def _service_version(service: Service) -> str:
+    """What an owner's approval consents to of the service beyond the agreement's own terms (its name, upstream and
+    protocol, which its seller may change while the purchase waits), as a keyed digest: the request's summary is
+    shown to the buyer's owner, who is not shown the seller's upstream (nor given a digest to test guesses of it)."""
+    return salted_hmac("agreements.approval.service_version",
+                       "\n".join((service.name, service.upstream_base_url, service.upstream_protocol)),
+                       algorithm="sha256").hexdigest()
 
 
 def _approval_possible_until(proposal: Proposal) -> datetime:
@@ -1847,11 +1857,20 @@ def _approval_policy_check(agreement: UsageAgreement) -> None:
     """An approval consents to a purchase that can still be made and that the policy allows but for its threshold.
     One the policy has since come to deny (a seller blocked, a cap or limit lowered), or of a buyer deactivated since
     (its owner stopping it), is 409 `policy_denies_now` with the rule; one whose service was deregistered or seller
-    deactivated since is 409 `service_deregistered` / `seller_deactivated`, as a new proposal of it would be. The
+    deactivated since is 409 `service_deregistered` / `seller_deactivated`, as a new proposal of it would be, and
+    one whose service its seller renamed, moved to another upstream or protocol since the request is 409
+    `service_changed` (`_service_version`: the agreement's price and quantity are its own from its proposal). The
     request is left pending (the owner changes the policy and approves again, or rejects). The policy is checked as
     when the money moves (`_payment_policy_refusal`), which still holds then; the buyer is locked after the
     agreement, as there."""
     offer_withdrawn_check(agreement.service, then="while the purchase waited: reject it")
+    request = policy_selectors.approvals_for_subjects(subject_type=APPROVAL_SUBJECT, subject_ids=[agreement.pk])
+    requested = request[agreement.pk].summary.get("service_version") if agreement.pk in request else None
+    if requested is not None and requested != _service_version(agreement.service):
+        # Its seller moved or renamed it since the owner was asked: the approval would consent to something else.
+        raise Conflict("The seller changed this service (its name, upstream or protocol) since the approval was asked "
+                       "for: reject it; the buyer proposes again to be asked about the service as it is now.",
+                       code="service_changed")
     _platform_limit_check(agreement)  # 400 `amount_too_large`: the request left pending, as the accept would refuse
     try:
         _buyer_policy_decision(buyer=agreement.buyer, service=agreement.service, token=agreement.token,

@@ -76,3 +76,48 @@ def test_a_blocked_service_listed_again_under_a_new_id_is_still_blocked(owner_ap
     for unrelated in (_listed(seller, "Summariser", "https://translator.example.com/summarise"),
                       _listed(another_owner, "Fast translator", "https://reseller.example.com/api")):
         assert propose(buyer_api, unrelated)["status"] == "proposed"
+
+
+@pytest.mark.parametrize("change", [{"upstream_base_url": "https://elsewhere.example.net/api"},
+                                    {"name": "Something else entirely"},
+                                    {"upstream_protocol": "masumi", "skills": []}],
+                         ids=["upstream", "name", "protocol"])
+def test_approving_a_purchase_whose_service_the_seller_changed_since_the_request_is_409_and_leaves_it_pending(
+        owner_api, buyer, buyer_api, seller_api, service, change):
+    """The agreement's price and quantity are its own from its proposal (the seller changing the service's price
+    changes nothing of it), but the service it buys is the seller's to change: moved to another upstream, or renamed,
+    between the request and the owner's decision, the owner's approval consented to a purchase of what the request
+    showed, not of what it became. 409 `service_changed`, the request left pending (the owner rejects it; the buyer
+    proposes again, the new request showing the service as it is)."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    repriced = seller_api.patch(f"/agents/services/{service.pk}", {
+        "pricing": {"type": "per_call", "unit_name": "call", "unit_price_atomic": 90000, "token": "USDC"}})
+    assert repriced.status_code == 200, repriced.content
+    url = f"/agents/{buyer.pk}/approvals/{approval.pk}"
+    changed = seller_api.patch(f"/agents/services/{service.pk}", change)
+    assert changed.status_code == 200, changed.content
+
+    refused = owner_api.post(f"{url}/approve")
+    assert refused.status_code == 409, refused.content
+    assert refused.json()["error"]["code"] == "service_changed"
+    assert owner_api.get(f"/agents/{buyer.pk}/approvals").json()["results"][0]["status"] == "pending"
+    assert UsageAgreement.objects.get(pk=held["id"]).status == "pending_approval"
+    assert owner_api.post(f"{url}/reject").json()["status"] == "rejected"
+
+
+def test_a_sellers_price_change_after_the_request_changes_nothing_the_owner_approves(owner_api, buyer, buyer_api,
+                                                                                    seller_api, service):
+    """Held: the approved purchase keeps the price, quantity and amount the request showed."""
+    owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
+    held = propose(buyer_api, service, quantity=3)
+    approval = ApprovalRequest.objects.get(subject_id=held["id"])
+    assert seller_api.patch(f"/agents/services/{service.pk}", {
+        "pricing": {"type": "per_call", "unit_name": "call", "unit_price_atomic": 90000,
+                    "token": "USDC"}}).status_code == 200
+    approved = owner_api.post(f"/agents/{buyer.pk}/approvals/{approval.pk}/approve")
+    assert approved.status_code == 200, approved.content
+    agreement = buyer_api.get(f"/usage-agreements/{held['id']}").json()
+    assert (agreement["status"], agreement["price_per_unit_atomic"], agreement["quantity"]) == ("proposed", 20000, 3)
+    assert agreement["deposit_amount_atomic"] + agreement["infra_fee_atomic"] == approval.amount
