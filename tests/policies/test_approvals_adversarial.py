@@ -121,3 +121,22 @@ def test_a_sellers_price_change_after_the_request_changes_nothing_the_owner_appr
     agreement = buyer_api.get(f"/usage-agreements/{held['id']}").json()
     assert (agreement["status"], agreement["price_per_unit_atomic"], agreement["quantity"]) == ("proposed", 20000, 3)
     assert agreement["deposit_amount_atomic"] + agreement["infra_fee_atomic"] == approval.amount
+
+
+def test_the_migration_records_what_each_service_blocked_before_it_is_now(buyer, buyer_api, seller, service):
+    """0006: a service blocked before its identity was kept is recorded as it is at the migration, so one changed
+    afterwards still blocks the listings of what it was; a rule stored in another form is left (it denies all)."""
+    import importlib
+
+    from django.apps import apps
+
+    migration = importlib.import_module("policies.migrations.0006_policy_blocked_service_identities")
+    Policy.objects.create(agent=buyer, blocked_services=[str(service.pk)])
+    migration.blocked_service_identities_record(apps, None)
+    service.upstream_base_url, service.name = "https://other.example.net/x", "Something else"
+    service.save()
+
+    relisting = _listed(seller, "Fast translator", "https://translator.example.com/api")
+    response = buyer_api.post("/usage-agreements", proposal(relisting))
+    assert response.status_code == 403, response.content
+    assert response.json()["error"]["details"]["listing_of"] == str(service.pk)
