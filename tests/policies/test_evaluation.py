@@ -99,3 +99,25 @@ def test_a_rule_not_in_the_form_the_api_writes_denies_whatever_it_names(policy, 
     """Not read as its owner may have meant (migration 0005 rewrote those it could): it fails closed, naming itself."""
     decision = decide(**policy)
     assert (decision.outcome, decision.rule, decision.details) == (Outcome.DENY, rule, {"reason": "rule_unreadable"})
+
+
+def test_a_listing_again_of_a_blocked_service_is_denied_naming_both():
+    decision = decide(replace(PURCHASE, listing_of_blocked_service=SERVICE_2), blocked_services=[SERVICE_2])
+    assert (decision.outcome, decision.rule, decision.details) == (
+        Outcome.DENY, "blocked_services", {"service": SERVICE_1, "listing_of": SERVICE_2})
+
+
+@pytest.mark.parametrize("spelt", ["https://api.example.com/v1", "HTTP://API.Example.COM:80/v1/", "https://api.example.com:443//v1",
+                                   "https://user:pw@api.example.com./v1?x=1#f", "https://API.example.com/V1"])
+def test_an_upstream_is_one_service_whatever_its_spelling(spelt):
+    from policies.rules import upstream_identity
+
+    assert upstream_identity(spelt) == "api.example.com/v1"
+
+
+@pytest.mark.parametrize("other", ["https://api.example.com/v2", "https://api.example.com:8443/v1",
+                                   "https://api2.example.com/v1"])
+def test_another_path_port_or_host_is_another_upstream(other):
+    from policies.rules import upstream_identity
+
+    assert upstream_identity(other) != "api.example.com/v1"
