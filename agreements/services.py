@@ -2018,18 +2018,22 @@ def agreement_expire_unfunded(*, agreement_id, reason: str, code: str) -> UsageA
 # replays nothing a retry could be charged for (reservation_take bills only an active agreement, and a usage event is
 # unique per nonce).
 _CALLS_ENDED_STATUSES = frozenset({S.SETTLED, S.REFUNDED})
+_REPLAYS_PURGE_TURN = "purge-proxy-replays"
 
 
-def proxy_replays_purge(*, now: datetime | None = None, batch: int = 500) -> int:
+def proxy_replays_purge(*, now: datetime | None = None) -> int:
     """Delete the replies stored for X-Request-Nonce retries (up to PROXY_REPLAY_MAX_BYTES each, one per call made
     with a nonce) once no retry could be charged for them, PROXY_REPLAY_KEEP_DAYS on; how many. Those of an
     agreement settled or refunded that long ago (a retry is then 409 `agreement_not_active`), and those of calls not
     charged (a 5xx) stored that long ago, whatever the agreement's status (a retry is then a new call, charged once):
     the proxy no longer stores those (it releases their nonce), but an earlier release did.
-    A charged reply of an agreement still open is kept: a retry must replay it. Safe twice.
+    A charged reply of an agreement still open is kept: a retry must replay it. Safe twice, and at once.
 
-    A batch of rows at a time in id order, stopping at the first batch stored within the retention (a settled
-    agreement's replies were all stored before its settlement), so a pass reads each older row once."""
+    Rows in id order by the primary key, RETENTION_PURGE_BATCH at a time (each batch's deletes committed), at most
+    RETENTION_PURGE_BATCHES_PER_RUN batches a run, from where the last run ended (`sweeps.turn_cursor`): a run that
+    started from the first row each time read the same kept replies of open agreements at every run, and, bounded,
+    never reached the deletable ones after them. The pass ends at the first batch stored within the retention (a
+    settled agreement's replies were all stored before its settlement); the next run starts from the first again."""
     cutoff = (now or timezone.now()) - timedelta(days=settings.PROXY_REPLAY_KEEP_DAYS)
     # By the partial unique index on (agreement, request_nonce), which a nonce's condition selects.
     charged = UsageEvent.objects.filter(agreement_id=OuterRef("agreement_id"), request_nonce=OuterRef("request_nonce")
@@ -2038,13 +2042,13 @@ def proxy_replays_purge(*, now: datetime | None = None, batch: int = 500) -> int
     # Two statements, not one with OR: each rule is then a join the planner reads by index.
     expired = (old.filter(agreement__status__in=_CALLS_ENDED_STATUSES, agreement__settled_at__lt=cutoff),
                old.filter(status_code__isnull=False).exclude(Exists(charged)))
-    deleted, after = 0, 0
-    while rows := list(ProxyReplay.objects.filter(pk__gt=after).order_by("pk")
-                       .values_list("pk", "created_at")[:batch]):
-        after = rows[-1][0]
-        ids = [pk for pk, _ in rows]
+    deleted, size, after = 0, settings.RETENTION_PURGE_BATCH, sweeps.turn_cursor(_REPLAYS_PURGE_TURN) or 0
+    for _ in range(settings.RETENTION_PURGE_BATCHES_PER_RUN):
+        rows = list(ProxyReplay.objects.filter(pk__gt=after).order_by("pk").values_list("pk", "created_at")[:size])
         # The rule again on delete: a reorg may have reopened a settlement meanwhile.
-        deleted += sum(rule.filter(pk__in=ids).delete()[0] for rule in expired)
-        if rows[0][1] >= cutoff:
+        deleted += sum(rule.filter(pk__in=[pk for pk, _ in rows]).delete()[0] for rule in expired)
+        after = rows[-1][0] if len(rows) == size and rows[0][1] < cutoff else 0
+        sweeps.turn_cursor_keep(_REPLAYS_PURGE_TURN, after or None)
+        if not after:
             break
     return deleted

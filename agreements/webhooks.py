@@ -392,21 +392,19 @@ def delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
     return delivery
 
 
-def deliveries_purge(*, now: datetime | None = None, batch: int = 1000) -> int:
+def deliveries_purge(*, now: datetime | None = None) -> int:
     """Delete the deliveries delivered or given up whose last attempt was more than WEBHOOK_DELIVERY_KEEP_DAYS ago,
-    then the subscriptions deleted that long ago with no delivery left, a batch at a time; how many rows (each event
-    makes one delivery per subscription, and nothing else deleted them, nor deleted subscriptions). Their events stay
-    in the agents' inboxes. A pending delivery is kept, however late; safe twice."""
+    then the subscriptions deleted that long ago with no delivery left, a bounded number of each a run
+    (`sweeps.rows_purge`); how many rows (each event makes one delivery per subscription, and nothing else deleted
+    them, nor deleted subscriptions). Their events stay in the agents' inboxes. A pending delivery is kept, however
+    late; safe twice."""
     cutoff = (now or timezone.now()) - timedelta(days=settings.WEBHOOK_DELIVERY_KEEP_DAYS)
-    deleted = 0
-    for status in (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED):  # each a range of delivery_due_idx
-        ended = WebhookDelivery.objects.filter(status=status, next_attempt_at__lt=cutoff)
-        # The rule again on delete: one redelivered meanwhile is pending, with a new next attempt.
-        while ids := list(ended.order_by().values_list("pk", flat=True)[:batch]):
-            deleted += ended.filter(pk__in=ids).delete()[0]
+    # Each status a range of delivery_due_idx, which holds no pending delivery. The rule again on delete: one
+    # redelivered meanwhile is pending, with a new next attempt.
+    deleted = sum(sweeps.rows_purge(deletable=WebhookDelivery.objects.filter(status=status, next_attempt_at__lt=cutoff),
+                                    order_by=("next_attempt_at",))
+                  for status in (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED))
     # Deleted that long ago: no event's transaction still holds it as live (a delivery to it would fail its commit).
     gone = WebhookSubscription.objects.filter(is_active=False, deleted_at__lt=cutoff).exclude(
         Exists(WebhookDelivery.objects.filter(subscription=OuterRef("pk"))))
-    while ids := list(gone.order_by().values_list("pk", flat=True)[:batch]):
-        deleted += gone.filter(pk__in=ids).delete()[0]
-    return deleted
+    return deleted + sweeps.rows_purge(deletable=gone, order_by=("deleted_at",))

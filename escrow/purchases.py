@@ -520,29 +520,17 @@ def _check_unpaid_payment_requests(seller: Agent) -> None:
                                 "window_seconds": int(UNPAID_PAYMENT_REQUESTS_WINDOW.total_seconds())})
 
 
-# Rows deleted per statement, and statements per run of the purge: the hourly beat comes back for the rest.
-PAYMENT_REQUESTS_PURGE_BATCH = 1000
-PAYMENT_REQUESTS_PURGE_BATCHES_PER_RUN = 20
-
-
 def expired_payment_requests_purge(*, now: datetime | None = None) -> int:
     """Delete the payment requests no buyer paid, MASUMI_PAYMENT_REQUEST_KEEP_DAYS after their payByTime: none of
     them can be paid any more (`purchase_prepare_for_payment` refuses one whose payByTime the deadline clock passed),
     and their seller's bound counts only those still payable or made within a day, so a seller requesting its bound
     each day grew the table without end. A paid one is the purchase's record (money history), kept. A bounded number
-    of rows a run, by the index on payByTime; each batch under its rows' locks, skipping one a purchase holds (and
-    still unpaid when deleted). Safe twice. How many were deleted."""
+    of rows a run (`sweeps.rows_purge`), by the index on payByTime, skipping one a purchase holds (and still unpaid
+    when deleted). Safe twice. How many were deleted."""
     cutoff = (now or timezone.now()) - timedelta(days=settings.MASUMI_PAYMENT_REQUEST_KEEP_DAYS)
-    expired = MasumiPaymentRequest.objects.filter(pay_by_time__lt=cutoff, purchase__isnull=True)
-    deleted = 0
-    for _ in range(PAYMENT_REQUESTS_PURGE_BATCHES_PER_RUN):
-        with transaction.atomic():
-            ids = list(MasumiPaymentRequest.objects.filter(pk__in=expired.order_by("pay_by_time").values("pk")[
-                :PAYMENT_REQUESTS_PURGE_BATCH]).select_for_update(skip_locked=True).values_list("pk", flat=True))
-            if not ids:
-                break
-            deleted += expired.filter(pk__in=ids).delete()[0]
-    return deleted
+    return sweeps.rows_purge(deletable=MasumiPaymentRequest.objects.filter(pay_by_time__lt=cutoff,
+                                                                           purchase__isnull=True),
+                             order_by=("pay_by_time",))
 
 
 def payment_submit_result(*, seller: Agent, purchase: MasumiPurchase, result_hash: str) -> MasumiPurchase:

@@ -18,7 +18,7 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from marketplace import metrics
+from marketplace import metrics, sweeps
 from marketplace.models import RedeliveredTask
 
 logger = logging.getLogger(__name__)
@@ -39,15 +39,13 @@ def redelivery_allowed(*, task_id: str, task_name: str, args, kwargs) -> bool:
     return record.dead_lettered_at is None
 
 
-def records_prune(*, batch: int = 1000) -> int:
-    """Delete the records, dead letters or counts, last redelivered more than DEAD_LETTER_KEEP_DAYS ago, a batch at a
-    time (every redelivered message adds one, and nothing else deleted them); how many. Safe twice."""
-    old = RedeliveredTask.objects.filter(updated_at__lt=timezone.now() - timedelta(days=settings.DEAD_LETTER_KEEP_DAYS))
-    deleted = 0
+def records_prune() -> int:
+    """Delete the records, dead letters or counts, last redelivered more than DEAD_LETTER_KEEP_DAYS ago, a bounded
+    number a run (`sweeps.rows_purge`), by redelivered_task_updated_idx (every redelivered message adds one, and
+    nothing else deleted them); how many. Safe twice."""
     # The rule again on delete: a message redelivered meanwhile is counted afresh.
-    while ids := list(old.order_by().values_list("pk", flat=True)[:batch]):
-        deleted += old.filter(pk__in=ids).delete()[0]
-    return deleted
+    return sweeps.rows_purge(deletable=RedeliveredTask.objects.filter(
+        updated_at__lt=timezone.now() - timedelta(days=settings.DEAD_LETTER_KEEP_DAYS)), order_by=("updated_at",))
 
 
 def dead_letter_counts() -> dict[tuple[str], int]:

@@ -37,7 +37,7 @@ from django.db import IntegrityError, connection, models, transaction
 from django.utils import timezone
 from rest_framework.response import Response
 
-from marketplace import bounded_json
+from marketplace import bounded_json, sweeps
 from marketplace.errors import Conflict, InvalidInput, Unprocessable
 from marketplace.models import IdempotencyRecord
 from marketplace.postgresql import prepared_cursor
@@ -237,18 +237,14 @@ def _release(claim: _Claim) -> None:
     IdempotencyRecord.objects.filter(pk=claim.pk, created_at=claim.at, response_status__isnull=True).delete()
 
 
-def expired_records_purge(*, batch: int = 1000) -> int:
-    """Delete the records older than IDEMPOTENCY_KEY_TTL (they replay nothing), a batch at a time: each POST with a
-    new key adds one, and nothing else deleted them. How many were deleted."""
-    expired_before = timezone.now() - settings.IDEMPOTENCY_KEY_TTL
-    deleted = 0
-    while True:
-        # Only rows still expired when deleted: one taken over meanwhile (`_claim`) is a live claim again.
-        ids = list(IdempotencyRecord.objects.filter(created_at__lt=expired_before)
-                   .order_by("created_at").values_list("pk", flat=True)[:batch])
-        if not ids:
-            return deleted
-        deleted += IdempotencyRecord.objects.filter(pk__in=ids, created_at__lt=expired_before).delete()[0]
+def expired_records_purge() -> int:
+    """Delete the records older than IDEMPOTENCY_KEY_TTL (they replay nothing), a bounded number a run
+    (`sweeps.rows_purge`), by idempotency_created_idx: each POST with a new key adds one, and nothing else deleted
+    them. How many were deleted."""
+    # Only rows still expired when deleted: one taken over meanwhile (`_claim`) is a live claim again.
+    return sweeps.rows_purge(
+        deletable=IdempotencyRecord.objects.filter(created_at__lt=timezone.now() - settings.IDEMPOTENCY_KEY_TTL),
+        order_by=("created_at",))
 
 
 def idempotent(required: bool = False, atomic: bool = True, prepare: Callable | None = None):

@@ -58,7 +58,9 @@ class RedeliveredTask(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        indexes = [models.Index(fields=["dead_lettered_at"], name="redelivered_task_dead_idx")]
+        indexes = [models.Index(fields=["dead_lettered_at"], name="redelivered_task_dead_idx"),
+                   # The retention purge's order (dead_letters.records_prune).
+                   models.Index(fields=["updated_at"], name="redelivered_task_updated_idx")]
         # The operators' dashboard (marketplace.dashboard) has no model of its own; its permission is kept here.
         permissions = [("view_dashboard", "Can view the operators' dashboard")]
 

@@ -37,13 +37,14 @@ from django.db import transaction
 from django.shortcuts import render
 from django.utils import timezone
 from django.utils.timesince import timesince
-from axes.handlers.proxy import AxesProxyHandler
+from axes.models import AccessLog
 from django_otp import devices_for_user
 from django_otp.admin import OTPAdminAuthenticationForm, OTPAdminSite
 from django_otp.models import Device
 from drf_spectacular import authentication as spectacular_authentication
 from rest_framework import authentication
 
+from marketplace import sweeps
 from marketplace.errors import InvalidInput
 from marketplace.throttling import authentication_failure_count, authentication_refused_wait
 from marketplace.models import AuthenticatorAppDevice, RecoveryCode, RecoveryCodeDevice
@@ -294,6 +295,8 @@ def recovery_code_new() -> str:
 
 def admin_access_logs_prune() -> int:
     """Deletes axes' records of successful admin logins (address, user agent, time) older than
-    ADMIN_ACCESS_LOG_KEEP_DAYS, which axes keeps for ever; how many. (Its failure records, the lockout counters, axes
-    deletes itself once their lockout has passed, at the next login; its failure log is off.)"""
-    return AxesProxyHandler.reset_logs(age_days=settings.ADMIN_ACCESS_LOG_KEEP_DAYS)
+    ADMIN_ACCESS_LOG_KEEP_DAYS, which axes keeps for ever, a bounded number a run (`sweeps.rows_purge`, in id order:
+    the oldest first); how many. (Its failure records, the lockout counters, axes deletes itself once their lockout
+    has passed, at the next login; its failure log is off.)"""
+    return sweeps.rows_purge(deletable=AccessLog.objects.filter(
+        attempt_time__lte=timezone.now() - timedelta(days=settings.ADMIN_ACCESS_LOG_KEEP_DAYS)), order_by=("pk",))

@@ -230,13 +230,20 @@ CREDENTIAL_CACHE_SECONDS = env.float("CREDENTIAL_CACHE_SECONDS", default=1.0)
 # A rotation's replaced proxy or webhook secret signs nothing once its overlap has ended; it is erased (a database
 # read no longer gives it) at most this long after (marketplace.rotation).
 REPLACED_SECRET_ERASE_SECONDS = env.int("REPLACED_SECRET_ERASE_SECONDS", default=60)
+# Every retention purge (marketplace.sweeps.rows_purge) deletes at most RETENTION_PURGE_BATCH rows a statement, each
+# committed, and at most RETENTION_PURGE_BATCHES_PER_RUN statements a run (per rule): the beat comes back for the
+# rest, where a backlog (a purge off for a while, a burst) held a worker until the task's time limit. A purge's beat
+# period sets the rate it keeps up with: 10,000 rows a run every 5 minutes is 2.9 million rows a day.
+RETENTION_PURGE_BATCH = env.int("RETENTION_PURGE_BATCH", default=500)
+RETENTION_PURGE_BATCHES_PER_RUN = env.int("RETENTION_PURGE_BATCHES_PER_RUN", default=20)
 CELERY_BEAT_SCHEDULE.update({
     # The search's names and tags no registered service bears (a seller registering and deregistering services
     # under new names grew both without bound).
     "collect-unused-search-terms": {"task": "catalog.tasks.collect_unused_search_terms",
                                     "schedule": timedelta(hours=1)},
+    # Up to 2.9 million records a day (a POST with a new key adds one).
     "purge-expired-idempotency-records": {"task": "marketplace.tasks.purge_expired_idempotency_records",
-                                          "schedule": timedelta(hours=1)},
+                                          "schedule": timedelta(minutes=5)},
     "erase-replaced-proxy-secrets": {"task": "catalog.tasks.erase_replaced_proxy_secrets",
                                      "schedule": timedelta(seconds=REPLACED_SECRET_ERASE_SECONDS)},
     "erase-replaced-webhook-secrets": {"task": "agreements.tasks.erase_replaced_webhook_secrets",
@@ -374,11 +381,11 @@ OUTBOUND_PUT_OFF_SECONDS = env.float("OUTBOUND_PUT_OFF_SECONDS", default=5.0)
 # A due delivery the retry sweep queued is queued again only once no worker took that message within this (it may be
 # lost): not on every run while the outbound queue is behind.
 WEBHOOK_REQUEUE_AFTER_SECONDS = env.int("WEBHOOK_REQUEUE_AFTER_SECONDS", default=120)
-# A delivery delivered or given up is deleted by a daily beat task this long after its last attempt (its event stays
-# in the agents' inboxes, GET /agents/{id}/events).
+# A delivery delivered or given up is deleted by a beat task this long after its last attempt (its event stays in the
+# agents' inboxes, GET /agents/{id}/events): up to 2.9 million of each a day (RETENTION_PURGE_BATCH).
 WEBHOOK_DELIVERY_KEEP_DAYS = env.int("WEBHOOK_DELIVERY_KEEP_DAYS", default=30)
 CELERY_BEAT_SCHEDULE["purge-webhook-deliveries"] = {"task": "agreements.tasks.purge_webhook_deliveries",
-                                                    "schedule": timedelta(days=1)}
+                                                    "schedule": timedelta(minutes=5)}
 # Per-agent bounds on what an agent can create at will. Every live webhook subscription is sent each event and each
 # test send, so their number is how many posts one event makes. (Rate limits count per agent, whatever its keys.)
 WEBHOOK_SUBSCRIPTIONS_PER_AGENT = env.int("WEBHOOK_SUBSCRIPTIONS_PER_AGENT", default=10)
@@ -401,8 +408,9 @@ MASUMI_PURCHASES_PAGE_RESULT_CHARACTERS = env.int("MASUMI_PURCHASES_PAGE_RESULT_
 # A seller's Masumi payment requests (`POST /payment`) that no buyer paid, still payable or made in the last day:
 # beyond, 409 `payment_requests_limit_reached` (a request costs nothing: escrow.purchases).
 MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER = env.int("MASUMI_UNPAID_PAYMENT_REQUESTS_PER_SELLER", default=1000)
-# An unpaid one is deleted this many days after its payByTime (when nobody can pay it any more) by the hourly
-# `purge-expired-payment-requests` beat task; a paid one is kept with its purchase.
+# An unpaid one is deleted this many days after its payByTime (when nobody can pay it any more) by the
+# `purge-expired-payment-requests` beat task (up to 2.9 million a day: RETENTION_PURGE_BATCH); a paid one is kept with
+# its purchase.
 MASUMI_PAYMENT_REQUEST_KEEP_DAYS = env.int("MASUMI_PAYMENT_REQUEST_KEEP_DAYS", default=7)
 # A skill invocation's `input`, at most this many bytes of JSON (kept with the invocation, sent to the seller).
 SKILL_INPUT_MAX_BYTES = env.int("SKILL_INPUT_MAX_BYTES", default=64 * 1024)
@@ -564,7 +572,7 @@ CELERY_BEAT_SCHEDULE.update({
                               "schedule": timedelta(seconds=MASUMI_PURCHASE_TICK_SECONDS)},
     "masumi-jobs-tick": {"task": "escrow.tasks.masumi_jobs_tick", "schedule": timedelta(seconds=MASUMI_PURCHASE_TICK_SECONDS)},
     "purge-expired-payment-requests": {"task": "escrow.tasks.purge_expired_payment_requests",
-                                       "schedule": timedelta(hours=1)},
+                                       "schedule": timedelta(minutes=5)},
 })
 # The chain indexer (escrow.indexer): follows the escrow's events from its deployment block (recorded in the
 # deployment file by `deploy_contracts`; ESCROW_DEPLOYMENT_BLOCK overrides it) up to CHAIN_CONFIRMATIONS deep.
@@ -616,11 +624,13 @@ PROXY_SLOW_CALLS = env.int("PROXY_SLOW_CALLS", default=max(1, env.int("WEB_THREA
 PROXY_MAX_UNITS_PER_CALL = env.int("PROXY_MAX_UNITS_PER_CALL", default=1_000_000)
 # Replies stored for X-Request-Nonce retries are capped; larger ones are refused rather than half-stored.
 PROXY_REPLAY_MAX_BYTES = env.int("PROXY_REPLAY_MAX_BYTES", default=10 * 1024 * 1024)
-# ... and deleted by a daily beat task this long after their agreement was settled or refunded (a retry then is 409
-# agreement_not_active, never charged); an agreement still open keeps them all.
+# ... and deleted by a beat task this long after their agreement was settled or refunded (a retry then is 409
+# agreement_not_active, never charged); an agreement still open keeps them all. A run reads at most
+# RETENTION_PURGE_BATCH x RETENTION_PURGE_BATCHES_PER_RUN stored replies, kept or not, after where the last ended:
+# 2.9 million a day, the kept ones read again once a pass over those past their retention.
 PROXY_REPLAY_KEEP_DAYS = env.int("PROXY_REPLAY_KEEP_DAYS", default=7)
 CELERY_BEAT_SCHEDULE["purge-proxy-replays"] = {"task": "agreements.tasks.purge_proxy_replays",
-                                               "schedule": timedelta(days=1)}
+                                               "schedule": timedelta(minutes=5)}
 # A process serving many calls of one agreement reserves up to this many at once and serves them for this long
 # (agreements.metering, "Call leases"); status changes and expiry take effect within that time. 1: no leases.
 PROXY_CALL_LEASE_MAX = env.int("PROXY_CALL_LEASE_MAX", default=16)
@@ -780,7 +790,7 @@ TASK_MAX_REDELIVERIES = env.int("TASK_MAX_REDELIVERIES", default=3)
 # CELERY_VISIBILITY_TIMEOUT.
 DEAD_LETTER_KEEP_DAYS = env.int("DEAD_LETTER_KEEP_DAYS", default=30)
 CELERY_BEAT_SCHEDULE["prune-dead-letters"] = {"task": "marketplace.tasks.prune_dead_letters",
-                                              "schedule": timedelta(days=1)}
+                                              "schedule": timedelta(hours=1)}
 # Each beat message expires after its period (at least a minute: clocks a little apart drop none): the beat sends one
 # at each period whether or not a worker took the last, so with the workers down (a deploy, a crash) or behind (a slow
 # node outlasting a 3 s poll) polls and ticks piled up, and every stale one ran late, ahead of the submissions queued

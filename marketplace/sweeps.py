@@ -1,11 +1,12 @@
-"""The one loop of the periodic expiry sweeps (proposals, approval requests), and the one way a sweep queues task
-messages for the rows it found due."""
+"""The one loop of the periodic expiry sweeps (proposals, approval requests), the one way a sweep queues task
+messages for the rows it found due, and the one loop of the retention purges."""
 
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
 
+from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Model, Q, QuerySet
@@ -87,26 +88,55 @@ def marked_rows_publish(*, model: type[Model], pks: list, marked: str, now: date
             raise
 
 
+def rows_purge(*, deletable: QuerySet, order_by: tuple[str, ...]) -> int:
+    """Delete the rows of `deletable`, RETENTION_PURGE_BATCH at a time, at most RETENTION_PURGE_BATCHES_PER_RUN
+    batches a run (the beat comes back for the rest: a backlog held a worker until its time limit); how many.
+    `deletable` selects only rows to delete, in the order of an index (`order_by`), so that no row kept is read;
+    its condition is applied again on delete (a row live again meanwhile is kept). Each batch is committed under its
+    rows' locks, skipping rows another run holds: two runs at once delete different rows, one dying mid-run loses
+    only its batch. Safe twice."""
+    deleted, size = 0, settings.RETENTION_PURGE_BATCH
+    for _ in range(settings.RETENTION_PURGE_BATCHES_PER_RUN):
+        with transaction.atomic():
+            ids = list(deletable.order_by(*order_by).select_for_update(skip_locked=True, of=("self",))
+                       .values_list("pk", flat=True)[:size])
+            if ids:
+                deleted += deletable.filter(pk__in=ids).delete()[0]
+        if len(ids) < size:
+            break
+    return deleted
+
+
+def turn_cursor(turn: str):
+    """Where the previous run of `turn` ended (kept in the cache), or None: never run, at its end, or lost (Redis
+    restarted, flushed, down)."""
+    try:
+        return cache.get(f"rows-in-turn:{turn}")
+    except Exception:  # the cache is down: from the first, as with nothing kept
+        logger.warning("%s: where the last run ended is not known; from the first row", turn, exc_info=True)
+        return None
+
+
+def turn_cursor_keep(turn: str, after) -> None:
+    """Keeps where this run of `turn` ended (None: at the end, the next run starts from the first row)."""
+    try:
+        cache.set(f"rows-in-turn:{turn}", after, timeout=None)
+    except Exception:
+        logger.warning("%s: where this run ended is not kept", turn, exc_info=True)
+
+
 def rows_in_turn(due: QuerySet, *, turn: str, by: str, size: int) -> list:
     """At most `size` rows of `due`, in the order of `by` (never null), then pk: those after the last row the previous
     run of `turn` took, then, the end reached, from the first on again. A run takes a bounded batch, and rows that stay
     due without moving on (a step waiting on the chain) never keep the ones after them from their turn. Where the
     previous run ended is kept in the cache: lost (Redis restarted, flushed, down), the run starts from the first."""
-    key = f"rows-in-turn:{turn}"
     ordered = due.order_by(by, "pk")
-    try:
-        after = cache.get(key)
-    except Exception:  # the cache is down: from the first, as with nothing kept
-        logger.warning("%s: where the last run ended is not known; from the first row", turn, exc_info=True)
-        after = None
+    after = turn_cursor(turn)
     rows = []
     if after is not None:
         value, pk = after
         rows = list(ordered.filter(Q(**{f"{by}__gt": value}) | Q(**{by: value, "pk__gt": pk}))[:size])
     if len(rows) < size:
         rows += list(ordered.exclude(pk__in=[row.pk for row in rows])[:size - len(rows)])
-    try:
-        cache.set(key, (getattr(rows[-1], by), rows[-1].pk) if len(rows) == size else None, timeout=None)
-    except Exception:
-        logger.warning("%s: where this run ended is not kept", turn, exc_info=True)
+    turn_cursor_keep(turn, (getattr(rows[-1], by), rows[-1].pk) if len(rows) == size else None)
     return rows

@@ -114,5 +114,26 @@ def test_the_purge_deletes_a_bounded_batch_per_statement_and_keeps_what_is_withi
     ProxyReplay.objects.create(agreement_id=active.agreement_id, request_nonce="running", request_fingerprint="f")
     ProxyReplay.objects.filter(request_nonce="running").update(created_at=old)  # its call is not settled yet
 
-    assert services.proxy_replays_purge(batch=2) == 4
+    settings.RETENTION_PURGE_BATCH = 2
+    assert services.proxy_replays_purge() == 4
     assert sorted(ProxyReplay.objects.values_list("request_nonce", flat=True)) == ["n3", "running"]
+
+
+def test_the_purge_goes_on_past_the_kept_replies_of_open_agreements_a_bounded_batch_a_run(active, settings):
+    """The purge deleted everything due in one run, however large the backlog (a worker held until the task's time
+    limit); bounded but started from the first row at each run, it read the same kept replies of open agreements
+    every time and never reached the deletable ones after them. A run reads a bounded number of rows from where the
+    last one ended, and the pass starts again from the first once it reaches the replies within their retention."""
+    settings.PROXY_REPLAY_KEEP_DAYS = 7
+    settings.RETENTION_PURGE_BATCH, settings.RETENTION_PURGE_BATCHES_PER_RUN = 2, 1
+    old = timezone.now() - timedelta(days=8)
+    staged = [("kept-0", None, old), ("kept-1", None, old), ("kept-2", None, old), ("kept-3", None, old),
+              ("failed-0", 503, old), ("failed-1", 503, old), ("recent", 503, timezone.now())]
+    for nonce, status_code, created_at in staged:  # in id order: the kept ones first
+        ProxyReplay.objects.create(agreement_id=active.agreement_id, request_nonce=nonce, request_fingerprint="f",
+                                   status_code=status_code)
+        ProxyReplay.objects.filter(request_nonce=nonce).update(created_at=created_at)
+
+    assert [tasks.purge_proxy_replays() for _ in range(5)] == [0, 0, 2, 0, 0]
+    assert sorted(ProxyReplay.objects.values_list("request_nonce", flat=True)) == [
+        "kept-0", "kept-1", "kept-2", "kept-3", "recent"]

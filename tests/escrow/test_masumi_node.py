@@ -645,13 +645,13 @@ def test_a_seller_keeps_at_most_its_bound_of_unpaid_payment_requests(parties, es
 
 
 def test_an_unpaid_payment_request_is_deleted_a_retention_after_its_pay_by_time_and_a_paid_one_is_kept(
-        parties, escrow_chain, settings, monkeypatch):
+        parties, escrow_chain, settings):
     """An unpaid payment request was kept for ever: its bound counts only those still payable or made in the last
     day, so a seller requesting its bound's worth each day grew the table (~1.3 kB a row) without end, though one
     past its payByTime can never be paid. The `purge-expired-payment-requests` beat task deletes the unpaid ones
     MASUMI_PAYMENT_REQUEST_KEEP_DAYS after their payByTime; a paid one (money history) and one within the retention
     are kept. A run deletes a bounded number of rows; the next goes on. Safe twice."""
-    from escrow import purchases, tasks
+    from escrow import tasks
     from escrow.models import MasumiPaymentRequest
 
     settings.MASUMI_PAYMENT_REQUEST_KEEP_DAYS = 7
@@ -672,8 +672,7 @@ def test_an_unpaid_payment_request_is_deleted_a_retention_after_its_pay_by_time_
     pay_by_days_ago(expired, 8)
     pay_by_days_ago(stale, 9)
     pay_by_days_ago(recent, 6)
-    monkeypatch.setattr(purchases, "PAYMENT_REQUESTS_PURGE_BATCH", 1)
-    monkeypatch.setattr(purchases, "PAYMENT_REQUESTS_PURGE_BATCHES_PER_RUN", 1)
+    settings.RETENTION_PURGE_BATCH = settings.RETENTION_PURGE_BATCHES_PER_RUN = 1
     assert tasks.purge_expired_payment_requests() == 1
     assert tasks.purge_expired_payment_requests() == 1
     assert set(map(str, MasumiPaymentRequest.objects.values_list("pk", flat=True))) == {paid["id"], recent["id"]}
