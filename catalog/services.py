@@ -499,20 +499,24 @@ def _refresh_search_fields(service: Service) -> None:
     service.keywords = keywords
 
 
-def search_terms_collect(*, batch: int = 1000) -> int:
+def search_terms_collect() -> int:
     """Delete the names of the lexicon (catalog.models.ServiceName) and the tags no registered service bears (a
-    deregistered service's tags go with them), `batch` at a time; how many. Safe to run twice, and beside
-    registrations: rows a registration holds (`_terms_held`) are skipped, and the rows taken are checked again,
-    in a statement of their own, once no registration can take them any more (one that committed between the two
-    is seen; one that comes later waits, then makes the row again)."""
+    deregistered service's tags go with them), RETENTION_PURGE_BATCH at a time, at most RETENTION_PURGE_BATCHES_PER_RUN
+    batches of each a run (the beat comes back for the rest: a backlog held a worker until the task's time limit); how
+    many. Safe to run twice, and beside registrations: rows a registration holds (`_terms_held`) are skipped, and the
+    rows taken are checked again, in a statement of their own, once no registration can take them any more (one that
+    committed between the two is seen; one that comes later waits, then makes the row again)."""
     registered = Service.objects.filter(state=ServiceState.REGISTERED)
     unused_by = {ServiceName: ~Exists(registered.filter(name=OuterRef("name"))),
                  Tag: ~Exists(registered.filter(tags=OuterRef("pk")))}
-    deleted = 0
+    deleted, batch = 0, settings.RETENTION_PURGE_BATCH
     for model, unused in unused_by.items():
-        while True:
+        taken = []
+        for _ in range(settings.RETENTION_PURGE_BATCHES_PER_RUN):
+            # On from the last batch: the terms in use before it are not read again.
+            after = model.objects.filter(pk__gt=taken[-1]) if taken else model.objects.all()
             with transaction.atomic():
-                taken = list(model.objects.select_for_update(skip_locked=True).filter(unused)
+                taken = list(after.select_for_update(skip_locked=True).filter(unused)
                              .order_by("pk").values_list("pk", flat=True)[:batch])
                 if taken:
                     deleted += model.objects.filter(unused, pk__in=taken).delete()[1].get(model._meta.label, 0)

@@ -4,7 +4,7 @@ Each redelivery is counted in the database before the task runs (`RedeliveredTas
 survives the crash it is counting); past TASK_MAX_REDELIVERIES the message is a dead letter: recorded, logged,
 acknowledged without running. Dead letters are listed in the admin and counted in the metrics
 (`marketplace_celery_dead_letters`); an operator re-runs one after fixing its cause. Each record is deleted
-DEAD_LETTER_KEEP_DAYS after its last redelivery (`records_prune`, a daily beat task).
+DEAD_LETTER_KEEP_DAYS after its last redelivery (`records_prune`, an hourly beat task).
 
 Only redeliveries are counted (the broker marks them: kombu's Redis transport sets `redelivered`), so a first
 delivery costs no write.

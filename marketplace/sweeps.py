@@ -88,21 +88,29 @@ def marked_rows_publish(*, model: type[Model], pks: list, marked: str, now: date
             raise
 
 
-def rows_purge(*, deletable: QuerySet, order_by: tuple[str, ...]) -> int:
+def rows_purge(*, deletable: QuerySet, order_by: tuple[str, ...], resume_turn: str | None = None) -> int:
     """Delete the rows of `deletable`, RETENTION_PURGE_BATCH at a time, at most RETENTION_PURGE_BATCHES_PER_RUN
     batches a run (the beat comes back for the rest: a backlog held a worker until its time limit); how many.
     `deletable` selects only rows to delete, in the order of an index (`order_by`), so that no row kept is read;
     its condition is applied again on delete (a row live again meanwhile is kept). Each batch is committed under its
     rows' locks, skipping rows another run holds: two runs at once delete different rows, one dying mid-run loses
-    only its batch. Safe twice."""
-    deleted, size = 0, settings.RETENTION_PURGE_BATCH
+    only its batch. Safe twice.
+
+    `resume_turn`, for rows kept for ever among the deletable ones in the index's order (the query reads past them
+    all at every run): the next run reads on from the last row deleted, by `order_by[0]` (`turn_cursor`). Only for
+    rows that never become deletable behind it, in that order."""
+    deleted, size, by = 0, settings.RETENTION_PURGE_BATCH, order_by[0]
+    if resume_turn is not None and (after := turn_cursor(resume_turn)) is not None:
+        deletable = deletable.filter(**{f"{by}__gte": after})
     for _ in range(settings.RETENTION_PURGE_BATCHES_PER_RUN):
         with transaction.atomic():
-            ids = list(deletable.order_by(*order_by).select_for_update(skip_locked=True, of=("self",))
-                       .values_list("pk", flat=True)[:size])
-            if ids:
-                deleted += deletable.filter(pk__in=ids).delete()[0]
-        if len(ids) < size:
+            rows = list(deletable.order_by(*order_by).select_for_update(skip_locked=True, of=("self",))
+                        .values_list("pk", by)[:size])
+            if rows:
+                deleted += deletable.filter(pk__in=[pk for pk, _ in rows]).delete()[0]
+        if rows and resume_turn is not None:
+            turn_cursor_keep(resume_turn, rows[-1][1])
+        if len(rows) < size:
             break
     return deleted
 

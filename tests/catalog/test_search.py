@@ -972,3 +972,20 @@ def test_paging_by_offset_gives_the_total_on_every_page(seller, buyer_api):
         (2, 3, True, 2), (1, 3, False, None), (0, 3, False, None)]
     assert {s["name"] for p in pages.values() for s in p["results"]} == {
         "Alpha translator", "Beta translator", "Gamma translator"}
+
+
+@pytest.mark.postgres
+def test_the_collection_deletes_a_bounded_number_of_terms_a_run_and_the_next_run_goes_on(
+        seller, seller_api, settings):
+    """The collection looped until no unused term was left: a backlog (sellers registering and deregistering
+    services under new names for a while) held a worker until the task's time limit, at every run."""
+    listing(seller, "Invoice extractor", tags=("finance",))
+    for number in range(3):
+        body = service_data(name=f"Throwaway {number} zqx", tags=["finance"], skills=[])
+        registered = seller_api.post("/agents/services", body)
+        assert registered.status_code == 201, registered.content
+        assert seller_api.delete(f"/agents/services/{registered.json()['id']}").status_code == 200
+    settings.RETENTION_PURGE_BATCH, settings.RETENTION_PURGE_BATCHES_PER_RUN = 1, 2
+
+    assert [tasks.collect_unused_search_terms() for _ in range(3)] == [2, 1, 0]
+    assert set(ServiceName.objects.values_list("name", flat=True)) == {"Invoice extractor"}

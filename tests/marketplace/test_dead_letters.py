@@ -43,7 +43,7 @@ def test_no_task_runs_or_waits_for_its_countdown_longer_than_the_brokers_visibil
 
 
 def test_dead_letters_and_redelivery_counts_are_deleted_past_their_retention_by_a_beat_task(settings):
-    """Every redelivered message left a row, and nothing deleted it: the table grew for ever. The daily beat task
+    """Every redelivered message left a row, and nothing deleted it: the table grew for ever. The hourly beat task
     deletes those whose last redelivery was more than DEAD_LETTER_KEEP_DAYS ago, and keeps the rest."""
     from datetime import timedelta
 
