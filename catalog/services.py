@@ -10,7 +10,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.postgres.search import SearchVector
 from django.core import checks
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, Exists, F, OuterRef, ProtectedError, Q
+from django.db.models import Count, Exists, OuterRef, ProtectedError, Q
 from django.utils import timezone
 from rest_framework.exceptions import AuthenticationFailed
 
@@ -651,16 +651,19 @@ AVAILABILITY_REQUEUE_AFTER = timedelta(minutes=5)
 
 
 def services_availability_poll(*, now: datetime | None = None) -> int:
-    """Queue a check of each registered `masumi` service (beat), but of one whose last check the poll queued still
-    waits in the outbound queue (AVAILABILITY_REQUEUE_AFTER): each poll queued every service again while the queue was
-    behind. How many were queued."""
+    """Queue a check of registered `masumi` services (beat), but of one whose last check the poll queued still waits
+    in the outbound queue (AVAILABILITY_REQUEUE_AFTER): each poll queued every service again while the queue was
+    behind. At most MASUMI_AVAILABILITY_POLL_BATCH a run, in turn from where the last run ended (`sweeps.rows_in_turn`):
+    a run queued every Masumi service at once; taken by their last check, those whose checks are skipped each time
+    (their seller's host busy) came first at every run and no other was checked. How many were queued."""
     from catalog.tasks import check_availability
 
     now = now or timezone.now()
     due = Service.objects.filter(
         Q(availability_queued_at=None) | Q(availability_queued_at__lte=now - AVAILABILITY_REQUEUE_AFTER),
         state=ServiceState.REGISTERED, upstream_protocol=UpstreamProtocol.MASUMI)
-    service_ids = list(due.order_by(F("availability_checked_at").asc(nulls_first=True)).values_list("pk", flat=True))
+    service_ids = [service.pk for service in sweeps.rows_in_turn(
+        due.only("pk"), turn="availability-poll", by="pk", size=settings.MASUMI_AVAILABILITY_POLL_BATCH)]
     sweeps.marked_rows_publish(model=Service, pks=service_ids, marked="availability_queued_at", now=now,
                                publish=check_availability.delay)
     return len(service_ids)

@@ -288,6 +288,9 @@ SUPPORTED_TOKENS = env.list("SUPPORTED_TOKENS", default=["USDC"])
 MASUMI_NETWORK = env.str("MASUMI_NETWORK", default="Preprod")
 # Calls to a Masumi seller's own API (start_job, status, availability).
 MASUMI_SERVICE_TIMEOUT = env.float("MASUMI_SERVICE_TIMEOUT_SECONDS", default=10.0)
+# Masumi services whose availability a run of the poll queues checks of, in turn: each is checked once every
+# ceil(services / batch) runs (MASUMI_AVAILABILITY_POLL_SECONDS).
+MASUMI_AVAILABILITY_POLL_BATCH = env.int("MASUMI_AVAILABILITY_POLL_BATCH", default=1000)
 CELERY_BEAT_SCHEDULE["poll-masumi-availability"] = {
     "task": "catalog.tasks.poll_availability",
     "schedule": timedelta(seconds=env.int("MASUMI_AVAILABILITY_POLL_SECONDS", default=60)),

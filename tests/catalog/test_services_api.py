@@ -386,6 +386,36 @@ def test_the_availability_poll_queues_a_services_check_again_only_once_its_messa
     assert len(queued) == 3 and len(http_server.requests) == 1
 
 
+
+def test_the_availability_poll_queues_a_bounded_batch_a_run_and_checks_skipped_each_time_starve_no_other_service(
+        seller, http_server, monkeypatch, settings):
+    """The poll (every minute) queued a check of every Masumi service in one run (200 per seller, any number of
+    sellers: a minute's run of publishes, every minute). Bounded and taken by their last check, the services whose
+    checks are skipped each time (their seller's host busy: no answer stored) would come first at every run, and no
+    other service would ever be checked."""
+    from catalog import tasks
+    from marketplace import outbound_slots
+
+    settings.MASUMI_AVAILABILITY_POLL_BATCH = 2
+    never_checked, checked_before = ([register_service(seller, name=f"Masumi {n}", skills=[], upstream_protocol="masumi",
+                                                       upstream_base_url=http_server.url) for n in numbers]
+                                     for numbers in ((0, 1), (2, 3)))
+    Service.objects.filter(pk__in=[service.pk for service in checked_before]).update(
+        availability_checked_at=timezone.now() - timedelta(minutes=1))
+    queued = []
+    monkeypatch.setattr(tasks.check_availability, "delay", queued.append)
+    settings.SELLER_CALLS_IN_FLIGHT_PER_OWNER = 1
+    shares = outbound_slots.seller_shares(base_url=http_server.url, owner_id=seller.owner_id)
+    with outbound_slots.held(shares, lease_seconds=60) as held:
+        assert held  # the seller's host busy: every check is skipped
+        for _ in range(2):
+            assert tasks.poll_availability() == 2
+            for service_id in queued[-2:]:
+                tasks.check_availability(service_id)  # a worker takes it, and skips it
+    assert sorted(queued) == sorted(str(service.pk) for service in never_checked + checked_before)
+    assert http_server.requests == []
+
+
 # --- text shown to others ----------------------------------------------------------------------------------------
 
 # U+202E (right-to-left override) makes "gnp.exe" display as "exe.png"; an isolate (U+2066) or embedding reorders
