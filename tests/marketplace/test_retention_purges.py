@@ -12,6 +12,7 @@ from agreements.models import DeliveryStatus, WebhookDelivery, WebhookSubscripti
 from marketplace.celery import app as celery_app
 from marketplace.models import IdempotencyRecord, RedeliveredTask
 from tests.catalog.factories import AgentFactory
+from tests.support.db_activity import row_locked
 
 pytestmark = pytest.mark.django_db
 
@@ -63,3 +64,22 @@ def test_a_purge_deletes_a_bounded_number_of_rows_a_run_and_the_next_run_goes_on
 
     assert [task.delay().get() for _ in range(3)] == [4, 1, 0]
     assert not model.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_runs_at_once_delete_different_rows_and_neither_waits_on_the_other(settings):
+    """A run's batch holds its rows' locks until committed: another run at once (the beat's next message, a run the
+    time limit is killing) skips them and deletes the rest, waiting on nothing; what the first held is there for the
+    next run, if it died."""
+    settings.RETENTION_PURGE_BATCH, settings.RETENTION_PURGE_BATCHES_PER_RUN = 2, 2
+    idempotency_records(5)
+    oldest = list(IdempotencyRecord.objects.order_by("pk").values_list("pk", flat=True))
+    for age, pk in enumerate(oldest):  # the first ones the oldest: the first batch's
+        IdempotencyRecord.objects.filter(pk=pk).update(
+            created_at=timezone.now() - settings.IDEMPOTENCY_KEY_TTL - timedelta(minutes=10 - age))
+    celery_app.loader.import_default_modules()
+    task = celery_app.tasks[settings.CELERY_BEAT_SCHEDULE["purge-expired-idempotency-records"]["task"]]
+    with row_locked(IdempotencyRecord, oldest[0]), row_locked(IdempotencyRecord, oldest[1]):
+        assert task.delay().get() == 3
+    assert task.delay().get() == 2
+    assert not IdempotencyRecord.objects.exists()
