@@ -525,8 +525,8 @@ def expired_payment_requests_purge(*, now: datetime | None = None) -> int:
     them can be paid any more (`purchase_prepare_for_payment` refuses one whose payByTime the deadline clock passed),
     and their seller's bound counts only those still payable or made within a day, so a seller requesting its bound
     each day grew the table without end. A paid one is the purchase's record (money history), kept. A bounded number
-    of rows a run (`sweeps.rows_purge`), by the index on payByTime, skipping one a purchase holds (and still unpaid
-    when deleted), from the payByTime of the last one deleted: the paid ones, kept for ever, came first in that
+    of rows a run (`sweeps.rows_purge`), by the index on payByTime, waiting for one a purchase holds (and still
+    unpaid when deleted), from the payByTime of the last one deleted: the paid ones, kept for ever, came first in that
     index, and every run read all of them before finding one to delete. (None becomes deletable behind that point: a
     request past its payByTime is never paid.) Safe twice. How many were deleted."""
     cutoff = (now or timezone.now()) - timedelta(days=settings.MASUMI_PAYMENT_REQUEST_KEEP_DAYS)

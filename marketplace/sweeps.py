@@ -98,13 +98,14 @@ def rows_purge(*, deletable: QuerySet, order_by: tuple[str, ...], resume_turn: s
 
     `resume_turn`, for rows kept for ever among the deletable ones in the index's order (the query reads past them
     all at every run): the next run reads on from the last row deleted, by `order_by[0]` (`turn_cursor`). Only for
-    rows that never become deletable behind it, in that order."""
+    rows that never become deletable behind it, in that order; a batch then waits for rows another holds, rather
+    than leave them behind for good."""
     deleted, size, by = 0, settings.RETENTION_PURGE_BATCH, order_by[0]
     if resume_turn is not None and (after := turn_cursor(resume_turn)) is not None:
         deletable = deletable.filter(**{f"{by}__gte": after})
     for _ in range(settings.RETENTION_PURGE_BATCHES_PER_RUN):
         with transaction.atomic():
-            rows = list(deletable.order_by(*order_by).select_for_update(skip_locked=True, of=("self",))
+            rows = list(deletable.order_by(*order_by).select_for_update(skip_locked=resume_turn is None, of=("self",))
                         .values_list("pk", by)[:size])
             if rows:
                 deleted += deletable.filter(pk__in=[pk for pk, _ in rows]).delete()[0]
