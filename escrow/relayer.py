@@ -1251,7 +1251,8 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
             if resend is None:
                 return None
         elif tx.fee_cap_reached_at is None:
-            # The max fee is at the cap: keep sending these bytes until the wallet or the fees allow. Not a tip raised
+            # The max fee is at the cap, or at what the chain's base fee justifies (`_replacement_fees`): keep sending
+            # these bytes until the wallet or the fees allow, and an operator sees why. Not a tip raised
             # alone: nodes refuse it as a replacement, it gets nothing past a base fee above the cap, and it is paid
             # once mined (bid up round after round, up to the cap per gas when the spike is over).
             logger.error("chain transaction stuck at the fee cap", extra={"tx_id": str(tx.pk),
@@ -1279,18 +1280,28 @@ def _resend_when_due(tx: ChainTransaction) -> ChainTransaction | None:
 
 def _replacement_fees(last: chain.Fees, *, tip_refused: bool = False) -> chain.Fees:
     """The last attempt's fees raised by CHAIN_FEE_BUMP_PERCENT (what a node asks of a replacement), and at least what
-    the chain asks now (`chain.current_fees`), within CHAIN_MAX_FEE_PER_GAS: once the base fee rose past the last max
-    fee, a replacement bumped from it alone stayed out of every block, round after round, a challenge past its window.
-    With `tip_refused` (`_tip_refused`), the tip doubled and the max fee raised to carry it over the base fee: a
-    provider's minimum far above what the node suggests was reached after the max fee's cap, 12.5% a round."""
-    bumped, asked = last.bumped(settings.CHAIN_FEE_BUMP_PERCENT, settings.CHAIN_MAX_FEE_PER_GAS), chain.current_fees()
+    the chain asks now (`chain.current_fees`): once the base fee rose past the last max fee, a replacement bumped from
+    it alone stayed out of every block, round after round, a challenge past its window. With `tip_refused`
+    (`_tip_refused`), the tip doubled and the max fee raised to carry it over the base fee: a provider's minimum far
+    above what the node suggests was reached after the max fee's cap, 12.5% a round.
+    Within what the chain's own latest block justifies: a tip of at most CHAIN_MAX_PRIORITY_FEE_PER_GAS, as a first
+    attempt's, and a max fee of at most twice the block's base fee plus that tip (and CHAIN_MAX_FEE_PER_GAS). A node
+    refusing every attempt as underpriced, whatever it paid, had the fees walked round after round up to
+    CHAIN_MAX_FEE_PER_GAS, the tip paid whole once it took one; past these bounds the transaction is shown stuck at the
+    fee cap (`_resend_when_due`), its bytes sent again as they are."""
+    asked = chain.current_fees()
+    tip_bound = settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS
+    # asked's max fee less its tip is twice the block's base fee (or the cap less the tip, when capped: the cap again).
+    max_fee_bound = min(settings.CHAIN_MAX_FEE_PER_GAS,
+                        asked.max_fee_per_gas - asked.max_priority_fee_per_gas + tip_bound)
+    bumped = last.bumped(settings.CHAIN_FEE_BUMP_PERCENT, max_fee_bound)
     max_fee = max(bumped.max_fee_per_gas, asked.max_fee_per_gas)
     tip = max(bumped.max_priority_fee_per_gas, asked.max_priority_fee_per_gas)
     if tip_refused:
-        tip = max(tip, 2 * last.max_priority_fee_per_gas)
-        max_fee = max(max_fee, min(settings.CHAIN_MAX_FEE_PER_GAS,
-                                   asked.max_fee_per_gas - asked.max_priority_fee_per_gas + tip))
-    return chain.Fees(max_fee, min(max_fee, tip))
+        tip = min(max(tip, 2 * last.max_priority_fee_per_gas), tip_bound)
+        max_fee = max(max_fee, asked.max_fee_per_gas - asked.max_priority_fee_per_gas + tip)
+    max_fee = min(max_fee, max_fee_bound)
+    return chain.Fees(max_fee, min(max_fee, tip, tip_bound))
 
 
 def _tip_refused(attempt: TxAttempt) -> bool:

@@ -486,7 +486,8 @@ CHAIN_MIN_PRIORITY_FEE = env.int("CHAIN_MIN_PRIORITY_FEE_WEI", default=1_000_000
 CHAIN_MAX_FEE_PER_GAS = env.int("CHAIN_MAX_FEE_PER_GAS_WEI", default=500 * 10**9)
 # The most of the node's suggested priority fee believed: a tip is paid whole to the block's producer, whatever the base
 # fee, so a node suggesting hundreds of gwei (compromised, or a provider's bug) had every transaction pay up to
-# CHAIN_MAX_FEE_PER_GAS per gas. A transaction stuck below it is still bid up 13% a round within CHAIN_MAX_FEE_PER_GAS.
+# CHAIN_MAX_FEE_PER_GAS per gas. A transaction stuck below it is still bid up 13% a round, its tip within this bound
+# and its max fee within twice the latest block's base fee plus it (`relayer._replacement_fees`).
 # Base's tips are about 0.001 gwei; raise it on a chain whose nodes refuse less (Polygon: 30 gwei).
 CHAIN_MAX_PRIORITY_FEE_PER_GAS = env.int("CHAIN_MAX_PRIORITY_FEE_PER_GAS_WEI", default=2 * 10**9)
 # The largest gas estimate believed: a node answering more (beyond any block) had the transaction signed under the next

@@ -189,6 +189,8 @@ def test_at_the_fee_cap_the_same_bytes_go_out_until_they_are_mined(
     capture = django_capture_on_commit_callbacks
     agreement, tx, callbacks = queue_activation(parties, capture)
     settings.CHAIN_MAX_FEE_PER_GAS = gateway.current_fees().max_fee_per_gas * 2
+    # The cap binds before what the base fee justifies (twice it plus the most tip believed: test_relayer_faults).
+    settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS = settings.CHAIN_MAX_FEE_PER_GAS
     settings.CHAIN_REPLACE_AFTER = settings.CHAIN_REBROADCAST_AFTER = timedelta(0)
     escrow_chain.rpc("evm_setAutomine", [False])
     try:

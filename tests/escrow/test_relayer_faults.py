@@ -1904,3 +1904,50 @@ def test_an_activation_a_front_runner_copied_first_is_found_done_on_a_node_that_
     shown = parties.agreement(agreement["id"])
     assert shown["status"] == "active", shown.get("status_reason")
     assert ours.failure_reason.startswith(gateway.REASON_NOT_READ), ours.failure_reason
+
+
+@pytest.mark.parametrize("refusal", ["transaction underpriced", "replacement transaction underpriced"],
+                         ids=["underpriced", "replacement_underpriced"])
+def test_a_node_refusing_every_attempt_as_underpriced_does_not_walk_the_fees_past_what_the_chain_asks(
+        escrow_chain, rpc_relay, monkeypatch, settings, django_capture_on_commit_callbacks, refusal):
+    """A hostile node (or provider) answers every broadcast "underpriced", whatever its fees. Each round replaced the
+    payout with a tip doubled (or both fees 13% higher), round after round up to CHAIN_MAX_FEE_PER_GAS, and the node,
+    taking the last, had it mined paying that tip per gas, paid whole to the block's producer: thousands of times what
+    the chain asks. A replacement's tip stays within CHAIN_MAX_PRIORITY_FEE_PER_GAS and its max fee within what the
+    chain's own base fee (from its latest block) asks with that tip; past them the payout is shown stuck at the fee
+    cap, for an operator, and its bytes are sent again as they are."""
+    chain, recipient = escrow_chain, escrow_chain.accounts.stranger
+    fund(chain, chain.accounts.deployer.address, 10 * USDC)
+    before = usdc_balance(chain, recipient.address)
+    settings.CHAIN_MIN_PRIORITY_FEE, settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS = 1, 10**6
+    rpc_relay.rewrite(lambda call: call.get("method") == "eth_maxPriorityFeePerGas",
+                      lambda answer: {**answer, "result": hex(1000)})
+    broadcast, hostile = gateway.broadcast, {"refusing": True}
+
+    def node(raw: str) -> None:
+        if hostile["refusing"]:
+            raise gateway.classify(Web3RPCError(f"{{'code': -32000, 'message': '{refusal}'}}"))
+        broadcast(raw)
+
+    monkeypatch.setattr(gateway, "broadcast", node)
+    settings.CHAIN_REBROADCAST_AFTER = settings.CHAIN_REPLACE_AFTER = timedelta(0)
+    tx = relayer_transfer(chain, django_capture_on_commit_callbacks, recipient.address, 2 * USDC)
+    for _ in range(25):
+        confirm_all(django_capture_on_commit_callbacks)
+    base_fee = chain.w3.eth.get_block("latest")["baseFeePerGas"]
+    fees = [(int(attempt.max_fee_per_gas), int(attempt.max_priority_fee_per_gas))
+            for attempt in tx.attempts.order_by("created_at", "pk")]
+    assert max(tip for _, tip in fees) <= settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS, fees
+    assert max(max_fee for max_fee, _ in fees) <= 2 * base_fee + settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS, fees
+    tx.refresh_from_db()
+    assert tx.fee_cap_reached_at is not None
+
+    hostile["refusing"] = False
+    for _ in range(3):
+        confirm_all(django_capture_on_commit_callbacks)
+    tx.refresh_from_db()
+    assert tx.status == TxStatus.CONFIRMED
+    assert usdc_balance(chain, recipient.address) == before + 2 * USDC
+    mined = chain.w3.eth.get_transaction_receipt(tx.mined_tx_hash)
+    paid_tip = mined["effectiveGasPrice"] - chain.w3.eth.get_block(mined["blockNumber"])["baseFeePerGas"]
+    assert paid_tip <= settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS
