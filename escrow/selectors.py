@@ -1,3 +1,5 @@
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -342,6 +344,36 @@ def onchain_escrow(*, agreement: UsageAgreement) -> dict:
                                  from_block=_activation_search_start(agreement.pk))
     record["state"] = list(EscrowState)[record["state"]]
     return record
+
+
+# The head `chain_head_shown` read last: [CHAIN_RPC_URL, monotonic time of the read, head or None].
+_head_shown: list = [None, 0.0, None]
+_head_shown_lock = threading.Lock()
+
+
+def chain_head_shown() -> int | None:
+    """The chain's head, as the API counts a transaction's confirmations against for its callers (escrow-status): read
+    from the node at most once per CHAIN_HEAD_SHOWN_SECONDS per process, a failed read (None) too. Read for each
+    request, any caller with a read key multiplied the calls the platform pays a metered RPC provider for, and a node
+    down held each request for its RPC timeout. What the relayer decides on is read afresh (`relayer`)."""
+    now = time.monotonic()
+    with _head_shown_lock:
+        url, read_at, head = _head_shown
+    if url == settings.CHAIN_RPC_URL and now - read_at < settings.CHAIN_HEAD_SHOWN_SECONDS:
+        return head
+    try:
+        head = chain.latest_block_number()
+    except chain.ChainError:
+        head = None
+    with _head_shown_lock:
+        _head_shown[:] = [settings.CHAIN_RPC_URL, now, head]
+    return head
+
+
+def chain_head_shown_forget() -> None:
+    """The next `chain_head_shown` reads the node (a test's chain reverted to a snapshot)."""
+    with _head_shown_lock:
+        _head_shown[:] = [None, 0.0, None]
 
 
 def confirmations(*, tx: ChainTransaction, latest_block: int | None) -> int:

@@ -59,13 +59,6 @@ TAGS = ["escrow"]
 WITHDRAW_SIGNATURE = "withdraw(bytes32,(address,address,address,address,uint256,uint64,uint64,uint256))"
 
 
-def _latest_block() -> int | None:
-    try:
-        return chain.latest_block_number()
-    except chain.ChainError:
-        return None
-
-
 def transaction_payload(tx, latest_block: int | None) -> dict:
     hashes = [attempt.tx_hash for attempt in tx.attempts.all()]
     return {
@@ -190,8 +183,9 @@ class EscrowStatusView(APIView):
         query = EscrowStatusQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
         agreement = agreement_selectors.agreement_get(agreement_id=agreement_id, agent=calling_agent(request))
-        latest = _latest_block()
         transactions = list(selectors.transactions_of_agreement(agreement_id=agreement.pk))
+        mined = any(tx.mined_block_number is not None for tx in transactions)
+        latest = selectors.chain_head_shown() if mined else None  # confirmations of none mined are 0
         onchain = None
         if query.validated_data["verify"]:
             with chain.unavailable_as_503():

@@ -509,6 +509,9 @@ CHAIN_SUBMIT_REQUEUE_AFTER = timedelta(seconds=env.int("CHAIN_SUBMIT_REQUEUE_AFT
 # How long an activation package's signatures stay valid. Well inside the SDK's bound (it refuses deadlines more
 # than 1 h away), with room for the difference between our clock and the buyer's.
 ACTIVATION_SIGNATURE_TTL = env.int("ACTIVATION_SIGNATURE_TTL_SECONDS", default=1800)
+# The chain's head the API counts confirmations against (escrow-status) is read at most this often per process, not
+# per request (each an RPC call a metered provider charges, as often as any caller with a read key asks).
+CHAIN_HEAD_SHOWN_SECONDS = env.float("CHAIN_HEAD_SHOWN_SECONDS", default=2.0)
 # The chain's clock is stalled when its latest block is older than this (see README, "stalled chain").
 CHAIN_STALL_SECONDS = env.int("CHAIN_STALL_SECONDS", default=60)
 # A block's timestamp is believed no further ahead of our clock than this (see README, "Time"): a node answering one

@@ -194,6 +194,15 @@ def quote_clock_read_afresh():
 
 
 @pytest.fixture(autouse=True)
+def chain_head_read_afresh():
+    """The head escrow-status counts confirmations against is kept per process for CHAIN_HEAD_SHOWN_SECONDS
+    (escrow.selectors.chain_head_shown): each test's chain may be at another height."""
+    from escrow.selectors import chain_head_shown_forget
+
+    chain_head_shown_forget()
+
+
+@pytest.fixture(autouse=True)
 def readiness_checked_afresh(settings):
     """/readyz keeps a run's answer per process for READINESS_CACHE_SECONDS: tests change what it checks between
     probes, so each probe runs the checks (probes at once still share one run)."""

@@ -333,6 +333,28 @@ def test_the_nodes_chain_id_is_asked_once_per_recheck_period(parties, escrow_cha
     assert asked["eth_chainId"] <= 1, asked
 
 
+def test_escrow_status_reads_asked_in_a_burst_ask_the_node_for_its_head_once(
+        parties, escrow_chain, settings, django_capture_on_commit_callbacks):
+    """escrow-status (a read key's GET, as cheap as a caller likes) asked the node for its head on every request, to
+    count confirmations: any agent multiplied the calls the platform pays a metered RPC provider for. The head is
+    read at most once per CHAIN_HEAD_SHOWN_SECONDS per process, a failed read too (a node down held each request for
+    its RPC timeout)."""
+    agreement = parties.accepted_agreement(quantity=100)
+    assert parties.activate(agreement["id"], django_capture_on_commit_callbacks).status_code == 202
+    settings.CHAIN_HEAD_SHOWN_SECONDS = 3600
+    relay = RpcRelay(escrow_chain.node.rpc_url).start()
+    settings.CHAIN_RPC_URL = relay.url
+    try:
+        asked = Counter()
+        relay.observers.append(lambda call: asked.update([call["method"]]))
+        for _ in range(20):
+            status = parties.buyer_api.get(f"/usage-agreements/{agreement['id']}/escrow-status").json()
+            assert status["transactions"][0]["confirmations"] >= 1
+    finally:
+        relay.stop()
+    assert asked["eth_blockNumber"] <= 1, asked
+
+
 def test_a_node_answering_a_pending_block_in_the_future_does_not_refuse_a_valid_activation_as_expired(
         parties, escrow_chain, settings, django_capture_on_commit_callbacks):
     """The activation's signature deadlines were checked against the node's pending block's timestamp, unchecked: a
