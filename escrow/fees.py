@@ -4,10 +4,12 @@ token's accrued fee is above zero, one call under way at a time (a database cons
 
 import functools
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Max
+from django.utils import timezone
 from web3 import Web3
 from web3.logs import DISCARD
 
@@ -40,16 +42,44 @@ def _fee_payment_under_way() -> bool:
         TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED]).exists()
 
 
-def fees_pay() -> ChainTransaction | None:
-    """Queue `payFees` for the first token with an accrued fee (`_fee_tokens`' order), unless one is under way. Safe
-    to call repeatedly."""
+# How many of a token's last payments `_waiting_after_failures` looks at; the wait doubles up to this many failures.
+_FAILURES_COUNTED = 6
+
+
+def _waiting_after_failures(token: str, *, now: datetime) -> bool:
+    """Whether `token`'s fee payment waits after its last ones were mined failed, each paying its gas: for
+    PAY_FEES_RETRY_AFTER_SECONDS after the last of them, doubled with each one before it in a row. A payment that
+    fails every time (a node estimating its gas short with a plausible figure: out of gas, `relayer.OUT_OF_GAS`) was
+    sent again at every run of the task, at the platform's gas each time. One refused at its simulation, never sent,
+    cost nothing and waits for nothing."""
+    last = list(ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES, context__token=token)
+                .exclude(status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED])
+                .order_by("-created_at").values_list("status", "mined_block_number", "updated_at")[:_FAILURES_COUNTED])
+    failures = 0
+    for status, mined_block, _ in last:
+        if status != TxStatus.FAILED or mined_block is None:
+            break
+        failures += 1
+    if failures == 0:
+        return False
+    wait = timedelta(seconds=settings.PAY_FEES_RETRY_AFTER_SECONDS * 2 ** (failures - 1))
+    return now < last[0][2] + wait
+
+
+def fees_pay(*, now: datetime | None = None) -> ChainTransaction | None:
+    """Queue `payFees` for the first token with an accrued fee (`_fee_tokens`' order) not waiting after failed
+    payments (`_waiting_after_failures`), unless one is under way. Safe to call repeatedly."""
     if _fee_payment_under_way():
+        return None
+    now = now or timezone.now()
+    tokens = [token for token in _fee_tokens() if not _waiting_after_failures(token, now=now)]
+    if not tokens:
         return None
     escrow = chain.escrow_contract()
     # Chain reads, before any transaction; at one block, which a payment someone else makes after it is looked for from
     # (`_fees_paid_evidence`).
     block = chain.latest_block_number()
-    for token in _fee_tokens():
+    for token in tokens:
         accrued = chain.call(functools.partial(escrow.functions.feesAccrued(token).call, block_identifier=block))
         if accrued == 0:
             continue

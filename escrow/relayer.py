@@ -104,6 +104,9 @@ OPERATOR_RETRY_OF = "operator_retry_of"
 OPERATOR_RETRY_BY = "operator_retry_by"
 # The context key of a transaction the domain withdrew (`transaction_withdraw`): why.
 WITHDRAWN = "withdrawn"
+# What the failure reason of a transaction mined reverted having used all its gas limit says (`_conclude_mined`): the
+# gas estimate fell short, and a transaction sent again on the same estimate runs out of it again.
+OUT_OF_GAS = "out of gas"
 # The context key of a transaction its domain could not build, recorded failed and never sent
 # (`transaction_record_unsent`): why.
 UNSENT = "unsent"
@@ -386,7 +389,7 @@ def relay_cancel_budget_check(payer: RelayPayer, *, purpose: str) -> None:
 
 
 def _revert_attribute(tx: ChainTransaction) -> None:
-    """Inside the DB transaction concluding `tx` mined reverted within its gas limit (`_reverted_within_gas`), or
+    """Inside the DB transaction concluding `tx` mined reverted within its gas limit (`_gas_used`), or
     refused at its simulation when its purpose says so (`refusal_charged`): a
     relayed party's transaction is that party's revert (`RelayRevert`). Not one decided on someone else's copy mined
     first (EVIDENCE_BLOCK, DONE_BY_ANOTHER: anyone may send a public authorization, permit or signed intent first; what
@@ -874,18 +877,32 @@ def _conclude_mined(tx: ChainTransaction) -> ChainTransaction | None:
     if deferred is not None:
         deferred.append(tx.pk)
         return _save_mined(tx)
-    return _conclude(tx, failure=chain.revert_reason(sender=tx.relayer.address, to=tx.to_address, data=tx.data,
-                                                     block_number=tx.mined_block_number),
-                     reverted_within_gas=_reverted_within_gas(tx))
+    reason = chain.revert_reason(sender=tx.relayer.address, to=tx.to_address, data=tx.data,
+                                 block_number=tx.mined_block_number)
+    gas_used = _gas_used(tx)
+    ran_out = gas_used is not None and tx.gas_limit is not None and gas_used >= _all_but_a_64th(tx.gas_limit)
+    if ran_out:
+        # After the replay's reason, which a domain reads first (`chain.REASON_NOT_READ`, an activation's
+        # AgreementExists): the replay, given all the gas it asks, does not run out of it.
+        reason = f"{reason} ({OUT_OF_GAS}: it used all {tx.gas_limit} gas the relayer gave it)"
+    return _conclude(tx, failure=reason, reverted_within_gas=gas_used is not None and not ran_out)
 
 
-def _reverted_within_gas(tx: ChainTransaction) -> bool:
-    """Whether mined-reverted `tx` stopped short of its gas limit: the chain refused it (what its signer changed
-    since the simulation, for a relayed party's action), where one that used all of it ran out of the gas we gave
-    it, our fault. Its replay cannot tell: it runs on the block's end state, which a party that moved its funds out
-    before ours and back after it has restored. False when the receipt is gone (a reorg: concluded again later)."""
+def _all_but_a_64th(gas_limit: int) -> int:
+    """The least gas a transaction that ran out of it used: a call out of gas in a call it made (a token's transfer)
+    fails that call alone, which keeps back a 64th of the gas for the caller (EIP-150), and the caller reverts having
+    used the rest."""
+    return gas_limit - gas_limit // 64
+
+
+def _gas_used(tx: ChainTransaction) -> int | None:
+    """The gas mined `tx` used, from its receipt: short of its gas limit, a revert is the chain's refusal (what its
+    signer changed since the simulation, for a relayed party's action); all of it (`_all_but_a_64th`), it ran out of
+    the gas we gave it, our fault (`OUT_OF_GAS`). Its replay cannot tell: it runs on the block's end state, which a party that moved its
+    funds out before ours and back after it has restored. None when the receipt is gone (a reorg: concluded again
+    later)."""
     found = chain.receipt(tx.mined_tx_hash)
-    return found is not None and tx.gas_limit is not None and found.gas_used < tx.gas_limit
+    return None if found is None else found.gas_used
 
 
 def _forget_mined(tx: ChainTransaction) -> None:

@@ -581,6 +581,9 @@ CELERY_BEAT_SCHEDULE.update({
     "purge-expired-payment-requests": {"task": "escrow.tasks.purge_expired_payment_requests",
                                        "schedule": timedelta(minutes=5)},
 })
+# A token's infra fee payment mined failed (its gas paid: out of gas on an estimate a node gave short) is sent again
+# only this long after, doubled with each failure in a row (escrow.fees), not at every pay-fees run.
+PAY_FEES_RETRY_AFTER_SECONDS = env.int("PAY_FEES_RETRY_AFTER_SECONDS", default=3600)
 # The chain indexer (escrow.indexer): follows the escrow's events from its deployment block (recorded in the
 # deployment file by `deploy_contracts`; ESCROW_DEPLOYMENT_BLOCK overrides it) up to CHAIN_CONFIRMATIONS deep.
 ESCROW_DEPLOYMENT_BLOCK = env.int("ESCROW_DEPLOYMENT_BLOCK", default=None)

@@ -188,3 +188,34 @@ def test_a_token_whose_fee_payment_keeps_failing_does_not_hold_back_another_toke
                 ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES).order_by("created_at")]
     assert payments == [(blocked, TxStatus.FAILED), (paid, TxStatus.CONFIRMED)]
     assert devchain.usdc_contract(chain.w3, paid).functions.balanceOf(fee_recipient).call() == before + accrued
+
+
+def test_a_fee_payment_that_ran_out_of_gas_is_not_sent_again_at_every_run(
+        escrow_chain, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """A node estimates payFees short with a plausible figure (hostile, or a provider's bug): the payment is mined
+    out of gas, its gas paid, and the next run of the fee task (every PAY_FEES_SECONDS) sent another, estimated as
+    short, run after run at the platform's cost. The failure says it ran out of gas, and the token's next payment
+    waits PAY_FEES_RETRY_AFTER_SECONDS after one mined failed, twice that after two in a row, and so on."""
+    from escrow import chain as gateway
+    from escrow import relayer
+
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    _activated(Parties(chain), capture)
+    estimate = gateway.simulate
+    monkeypatch.setattr(relayer, "_SLOT_FILL_GAS", 0)
+    monkeypatch.setattr(gateway, "simulate", lambda **transaction: estimate(**transaction) * 3 // 5)
+    for _ in range(3):
+        with capture(execute=True):
+            tasks.pay_fees()
+        confirm_all(capture)
+    payments = list(ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES).order_by("created_at"))
+    assert [(payment.status, payment.receipt_status) for payment in payments] == [(TxStatus.FAILED, 0)]
+    assert f"({relayer.OUT_OF_GAS}: " in payments[0].failure_reason, payments[0].failure_reason
+
+    settings.PAY_FEES_RETRY_AFTER_SECONDS = 0  # its wait over
+    monkeypatch.setattr(gateway, "simulate", estimate)
+    with capture(execute=True):
+        tasks.pay_fees()
+    confirm_all(capture)
+    assert ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES).latest("created_at").status == TxStatus.CONFIRMED
+    assert _accrued(chain) == 0
