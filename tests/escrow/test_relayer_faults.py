@@ -1920,6 +1920,9 @@ def test_a_node_refusing_every_attempt_as_underpriced_does_not_walk_the_fees_pas
     fund(chain, chain.accounts.deployer.address, 10 * USDC)
     before = usdc_balance(chain, recipient.address)
     settings.CHAIN_MIN_PRIORITY_FEE, settings.CHAIN_MAX_PRIORITY_FEE_PER_GAS = 1, 10**6
+    # A base fee the bounds are reached from within the rounds below, whatever the earlier tests left it at.
+    chain.rpc("anvil_setNextBlockBaseFeePerGas", [hex(10**9)])
+    chain.mine()
     rpc_relay.rewrite(lambda call: call.get("method") == "eth_maxPriorityFeePerGas",
                       lambda answer: {**answer, "result": hex(1000)})
     broadcast, hostile = gateway.broadcast, {"refusing": True}
