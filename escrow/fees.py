@@ -54,16 +54,17 @@ def _waiting_after_failures(token: str, *, now: datetime) -> bool:
     cost nothing and waits for nothing."""
     last = list(ChainTransaction.objects.filter(purpose=TxPurpose.PAY_FEES, context__token=token)
                 .exclude(status__in=[TxStatus.QUEUED, TxStatus.SUBMITTED, TxStatus.MINED])
-                .order_by("-created_at").values_list("status", "mined_block_number", "updated_at")[:_FAILURES_COUNTED])
+                .order_by("-created_at").values_list("status", "mined_block_number", "outcome_evidence",
+                                                     "updated_at")[:_FAILURES_COUNTED])
     failures = 0
-    for status, mined_block, _ in last:
-        if status != TxStatus.FAILED or mined_block is None:
-            break
+    for status, mined_block, evidence, _ in last:
+        if status != TxStatus.FAILED or mined_block is None or (evidence or {}).get(DONE_BY):
+            break  # paid, by us or by someone else first (no failure), or refused unsent (no gas paid)
         failures += 1
     if failures == 0:
         return False
     wait = timedelta(seconds=settings.PAY_FEES_RETRY_AFTER_SECONDS * 2 ** (failures - 1))
-    return now < last[0][2] + wait
+    return now < last[0][3] + wait
 
 
 def fees_pay(*, now: datetime | None = None) -> ChainTransaction | None:
