@@ -767,9 +767,15 @@ def _reclaim(agreement: UsageAgreement, *, terms: tuple, now: int) -> ChainTrans
     """Queue `reclaim` for an escrow past its reclaimAfter (by the chain's clock, `now`) on which nothing was
     proposed, whatever we know of the agreement (completion asked for, usage charged): the contract allows nothing
     else, and the seller's pay for usage never proposed is lost (`agreement_refunded` records it). A proposal of
-    ours still in flight cannot run any more (ProposalPeriodOver)."""
+    ours still in flight cannot run any more (ProposalPeriodOver). After a failed one, as a proposal
+    (`_proposal_due`: SETTLEMENT_PROPOSE_BACKOFF_SECONDS doubling, at most SETTLEMENT_PROPOSE_MAX_ATTEMPTS, then an
+    operator's retry)."""
     if selectors.live_transaction(agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM):
         return None  # under way: no chain read at every tick (checked again under the lock)
+    # Failed reclaims back off as proposals do: the escrow still active past reclaimAfter, one failing every time (out
+    # of gas on an estimate a node gave short) was sent again at every tick, at the relayer's gas each time.
+    if not _proposal_due(selectors.proposal_failures(agreement_id=agreement.pk, purpose=TxPurpose.RECLAIM)):
+        return None
     # The chain, not our copy of it, says whether anything was proposed: one mined before reclaimAfter may not be
     # indexed yet (the indexer acts at depth), and a reclaim then reverts. Read at one block, by that block's clock
     # (`_escrow_at_head`): `now` and an escrow read `at latest` may come from two backends, the escrow from one

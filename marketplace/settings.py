@@ -554,7 +554,7 @@ RELAY_IN_FLIGHT_PER_OWNER = env.int("RELAY_IN_FLIGHT_PER_OWNER", default=20)
 # The same for anonymous x402 payers (no API key) at one client network (IPv6: its /64), whatever their wallets:
 # fresh wallets cost nothing to make. 0: no limit.
 RELAY_IN_FLIGHT_PER_CLIENT = env.int("RELAY_IN_FLIGHT_PER_CLIENT", default=10)
-# A settlement proposal that reverts is tried again by the settlement tick after BACKOFF, 2 x BACKOFF, 4 x ...
+# A settlement proposal (or reclaim) that reverts is tried again by the settlement tick after BACKOFF, 2 x BACKOFF, 4 x ...
 # seconds, at most MAX_ATTEMPTS times; then it waits on the dashboard for an operator's retry (which starts over).
 SETTLEMENT_PROPOSE_MAX_ATTEMPTS = env.int("SETTLEMENT_PROPOSE_MAX_ATTEMPTS", default=5)
 SETTLEMENT_PROPOSE_BACKOFF_SECONDS = env.int("SETTLEMENT_PROPOSE_BACKOFF_SECONDS", default=30)

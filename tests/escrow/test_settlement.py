@@ -1388,3 +1388,23 @@ def test_an_agreement_that_stays_due_holds_back_none_after_it_in_the_ticks_batch
         tick(capture)
     assert funded.agreement(other["id"])["status"] == "in_challenge"
     assert funded.agreement(funded.agreement_id)["status"] == "active"  # still waiting for its operator
+
+
+def test_a_reclaim_that_ran_out_of_gas_is_not_sent_again_at_every_tick(
+        funded, escrow_chain, monkeypatch, django_capture_on_commit_callbacks):
+    """A node estimating the reclaim's gas short with a plausible figure: mined out of gas, its gas paid. The escrow
+    is still active past reclaimAfter, so each settlement tick queued another, estimated as short, at the platform's
+    gas each time. The reclaims of an agreement back off as its proposals do (SETTLEMENT_PROPOSE_BACKOFF_SECONDS,
+    doubling, SETTLEMENT_PROPOSE_MAX_ATTEMPTS), and its failure says it ran out of gas."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    agreement = UsageAgreement.objects.get(pk=funded.agreement_id)
+    chain.increase_time(int(agreement.expires_at.timestamp()) - chain.now() + 10 + chain.reclaim_grace)
+    estimate = gateway.simulate
+    monkeypatch.setattr(relayer, "_SLOT_FILL_GAS", 0)
+    monkeypatch.setattr(gateway, "simulate", lambda **transaction: estimate(**transaction) * 3 // 5)
+    for _ in range(3):
+        tick(capture)
+    reclaims = list(ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.RECLAIM))
+    assert [(reclaim.status, reclaim.receipt_status) for reclaim in reclaims] == [(TxStatus.FAILED, 0)]
+    assert f"({relayer.OUT_OF_GAS}: " in reclaims[0].failure_reason
+    assert usdc_balance(chain, chain.addresses["escrow"]) == 2 * USDC
