@@ -8,24 +8,34 @@ from policies import evaluation, services
 from policies.models import ApprovalRequest, Policy
 from policies.serializers import PolicySerializer
 
-LIMIT_FIELDS = ("max_per_agreement", "daily_cap", "monthly_cap", "approval_threshold")
-
-
 def _whole(amount):
     """The form's amount (a Decimal of no decimal places) as the API's JSON integer."""
     return None if amount is None else int(amount)
 
 
 class PolicyForm(forms.ModelForm):
-    """The policy as `PUT /agents/{id}/policy` takes it (lists of handles, service ids, tags, tokens): any other
-    value saved here (a number, a string) failed every proposal of the agent, or matched what it was not meant to."""
+    """The policy as `PUT /agents/{id}/policies` takes it (lists of handles, service ids, tags, tokens): any other
+    value saved here (a number, a string) failed every proposal of the agent, or matched what it was not meant to.
+    The page carries the policy as it showed it (`shown`), so that what the operator changed from it is what is
+    written (`services.policy_set_by_operator`), not every field."""
+
+    shown = forms.JSONField(widget=forms.HiddenInput, required=False)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["shown"].initial = services.policy_as_shown(self.instance)
 
     def clean(self):
         cleaned = super().clean()
         if self.errors:
             return cleaned
-        data = {**{f"{name}_atomic": _whole(cleaned.get(name)) for name in LIMIT_FIELDS},
-                **{name: cleaned.get(name) or [] for name in services.POLICY_FIELDS if name not in LIMIT_FIELDS}}
+        shown = cleaned.get("shown")
+        if not isinstance(shown, dict) or set(shown) != set(services.POLICY_FIELDS):
+            self.add_error(None, "This page did not say what it showed of the policy: open it again.")
+            return cleaned
+        data = {**{f"{name}_atomic": _whole(cleaned.get(name)) for name in services.LIMIT_FIELDS},
+                **{name: cleaned.get(name) or [] for name in services.POLICY_FIELDS
+                   if name not in services.LIMIT_FIELDS}}
         self.policy_data = api_rules_check(self, PolicySerializer, data,
                                            field_of=lambda name: name.removesuffix("_atomic"))
         agent = self.instance.agent if self.instance.agent_id else cleaned.get("agent")
@@ -64,7 +74,7 @@ class PolicyAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         # Through the service, which takes the lock proposals take, so a cap never changes under a proposal.
         form.policy_changes = services.policy_set_by_operator(agent=obj.agent, operator=request.user,
-                                                              data=form.policy_data)
+                                                              shown=form.cleaned_data["shown"], data=form.policy_data)
 
     def construct_change_message(self, request, form, formsets, add=False):
         # The policy's admin history (with the operator's name): each field changed, from what to what.

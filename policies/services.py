@@ -25,6 +25,7 @@ from policies.models import ApprovalRequest, ApprovalStatus, Policy
 DecisionHandler = Callable[..., Conflict | None]
 _handlers: dict[str, DecisionHandler] = {}
 
+LIMIT_FIELDS = ("max_per_agreement", "daily_cap", "monthly_cap", "approval_threshold")
 POLICY_FIELDS = (
     "max_per_agreement", "daily_cap", "monthly_cap", "approval_threshold", "allowed_sellers", "blocked_sellers",
     "allowed_services", "blocked_services", "allowed_tags", "blocked_tags", "allowed_tokens",
@@ -42,7 +43,7 @@ def policy_update(*, agent: Agent, actor, changes: dict) -> Policy:
     if not changes:
         raise InvalidInput("Give the policy fields to change (null lifts a limit, [] empties a list).",
                            code="empty_policy_update", details={"fields": list(POLICY_FIELDS)})
-    return _policy_write(agent=agent, actor=actor, data=changes, keep_missing=True)[0]
+    return _policy_write(agent=agent, actor=actor, data=changes)[0]
 
 
 def policy_operator_check(*, agent: Agent, operator, does: str = "changes this policy") -> None:
@@ -53,23 +54,35 @@ def policy_operator_check(*, agent: Agent, operator, does: str = "changes this p
     catalog_services.operator_owns_a_seller_check(owner_id=agent.owner_id, operator=operator, does=does)
 
 
-def policy_set_by_operator(*, agent: Agent, operator, data: dict) -> dict[str, tuple]:
-    """The agent's policy replaced with `data` (the admin form's every field) for an operator: refused as
-    `policy_operator_check` says; answers what changed, {field: (before, after)}, read under the lock, for the
-    audit."""
+def policy_set_by_operator(*, agent: Agent, operator, shown: dict, data: dict) -> dict[str, tuple]:
+    """What an operator changed of the agent's policy from its page as shown (`shown`: each field as the page showed
+    it; `data`: the form's every field), refused as `policy_operator_check` says: a limit changed is written, a list
+    changed has its additions and removals applied to the list as stored now, and a field left as shown keeps what
+    is stored, so what the owner changed while the page was open stays (the form's every field, written, dropped a
+    seller the owner had allowed meanwhile). Answers what changed, {field: (before, after)}, read under the lock, for
+    the audit."""
     policy_operator_check(agent=agent, operator=operator)
-    return _policy_write(agent=agent, actor=operator, data=data)[1]
+    return _policy_write(agent=agent, actor=operator, data=data, shown=shown)[1]
 
 
-def _policy_write(*, agent: Agent, actor, data: dict, keep_missing: bool = False) -> tuple[Policy, dict[str, tuple]]:
-    """`data`'s fields written; those it leaves out kept (`keep_missing`) or reset to 'no limit'."""
+def policy_as_shown(policy: Policy) -> dict:
+    """The policy's fields as its admin page shows them (JSON: `policy_set_by_operator`'s `shown`)."""
+    return {name: int(value) if name in LIMIT_FIELDS and value is not None else value
+            for name in POLICY_FIELDS for value in [getattr(policy, name)]}
+
+
+def _policy_write(*, agent: Agent, actor, data: dict, shown: dict | None = None) -> tuple[Policy, dict[str, tuple]]:
+    """`data`'s fields written, those it leaves out kept; with `shown` (an operator's page), only those `data` changes
+    from it, a list by its edits (`_list_edited`)."""
     with transaction.atomic():
         Agent.objects.select_for_update().get(pk=agent.pk)  # the same lock proposals take: no race with a cap
         policy, _ = Policy.objects.get_or_create(agent=agent)  # a new one starts unlimited, as no policy is
         changes = {}
         for name in POLICY_FIELDS:
             before = getattr(policy, name)
-            after = data.get(name, before if keep_missing else Policy._meta.get_field(name).get_default())
+            after = data.get(name, before)
+            if shown is not None and name in data:
+                after = before if after == shown.get(name) else _list_edited(before, shown.get(name), after)
             if before != after:
                 changes[name] = (before, after)
             setattr(policy, name, after)
@@ -78,6 +91,17 @@ def _policy_write(*, agent: Agent, actor, data: dict, keep_missing: bool = False
         policy.updated_by = actor
         policy.save()
     return policy, changes
+
+
+def _list_edited(stored, shown, edited):
+    """`stored` with the additions and removals that make `edited` of `shown`, in `stored`'s order then the
+    additions'; `edited` itself where any is not a list (a limit, or a list rule stored in a form the API does not
+    write, which the operator's value replaces)."""
+    if not all(isinstance(value, list) for value in (stored, shown, edited)):
+        return edited
+    removed = [value for value in shown if value not in edited]
+    added = [value for value in edited if value not in shown and value not in stored]
+    return [value for value in stored if value not in removed] + added
 
 
 def approval_request_create(*, agent: Agent, subject_type: str, subject_id: UUID, amount: int, rule: str,

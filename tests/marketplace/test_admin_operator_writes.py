@@ -95,14 +95,15 @@ def test_only_a_superuser_changes_where_the_platforms_fees_are_paid(settings, op
     assert schedule.fee_recipient.lower() == "0x" + "5a" * 20
 
 
-POLICY_FORM = {"allowed_sellers": "[]", "blocked_sellers": "[]", "allowed_services": "[]", "blocked_services": "[]",
-               "allowed_tags": "[]", "blocked_tags": "[]", "allowed_tokens": "[]"}
+def policy_form(client: Client, page: str) -> dict:
+    """The policy's admin form (`page`: its add or change page) as the page shows it."""
+    return form_as_shown(client.get(page).content.decode(), "policy_form")
 
 
 def test_an_operator_sets_a_policy_through_the_service_recording_who(operator, buyer, buyer_api, seller):
     service = register_service(seller)
     response = operator.post("/admin/policies/policy/add/", {
-        **POLICY_FORM, "agent": buyer.pk, "daily_cap": 1_000_000, "blocked_sellers": f'["{seller.handle}"]'})
+        **policy_form(operator, "/admin/policies/policy/add/"), "agent": buyer.pk, "daily_cap": 1_000_000, "blocked_sellers": f'["{seller.handle}"]'})
 
     assert response.status_code == 302, response.context["adminform"].form.errors
     policy = Policy.objects.get(agent=buyer)
@@ -117,7 +118,8 @@ def test_a_policy_the_api_would_refuse_is_refused_in_the_admin(operator, buyer, 
     """The API refuses a list of the wrong shape (400); saved from the admin, a number made every proposal of the
     buyer a 500, a string matched any handle it contains."""
     service = register_service(seller)
-    response = operator.post("/admin/policies/policy/add/", {**POLICY_FORM, "agent": buyer.pk, field: value})
+    response = operator.post("/admin/policies/policy/add/", {
+        **policy_form(operator, "/admin/policies/policy/add/"), "agent": buyer.pk, field: value})
 
     assert response.status_code == 200  # the form again, with the error
     assert not Policy.objects.filter(agent=buyer).exists()
@@ -130,8 +132,8 @@ def test_a_policys_agent_is_not_changed_in_the_admin(operator, buyer, seller):
     Policy.objects.create(agent=buyer, daily_cap=5_000_000)
     Policy.objects.create(agent=seller, daily_cap=1_000)
 
-    operator.post(f"/admin/policies/policy/{buyer.pk}/change/",
-                  {**POLICY_FORM, "agent": seller.pk, "daily_cap": 5_000_000})
+    page = f"/admin/policies/policy/{buyer.pk}/change/"
+    operator.post(page, {**policy_form(operator, page), "agent": seller.pk, "daily_cap": 5_000_000})
 
     assert Policy.objects.get(agent=seller).daily_cap == 1_000
 
@@ -690,7 +692,8 @@ def test_staff_who_own_a_seller_cannot_change_another_owners_policy_in_the_admin
     staff = staff_client(settings, "view_policy", "change_policy", "add_policy")
     Agent.objects.filter(pk=seller.pk).update(owner=get_user_model().objects.get(username="staff"))
 
-    page = staff.post(f"/admin/policies/policy/{buyer.pk}/change/", {**POLICY_FORM, "daily_cap": 900_000_000})
+    change = f"/admin/policies/policy/{buyer.pk}/change/"
+    page = staff.post(change, {**policy_form(staff, change), "daily_cap": 900_000_000})
 
     assert page.status_code == 200 and "You own a seller agent" in page.content.decode()
     policy = Policy.objects.get(agent=buyer)
@@ -703,7 +706,8 @@ def test_an_operators_policy_change_is_in_the_policys_history_with_before_and_af
     back read the same as a typo fixed, and the owner's rules before the operator's change were gone."""
     Policy.objects.create(agent=buyer, daily_cap=5_000_000, blocked_sellers=[seller.handle])
 
-    response = operator.post(f"/admin/policies/policy/{buyer.pk}/change/", {**POLICY_FORM, "daily_cap": 9_000_000})
+    page = f"/admin/policies/policy/{buyer.pk}/change/"
+    response = operator.post(page, {**policy_form(operator, page), "daily_cap": 9_000_000, "blocked_sellers": "[]"})
 
     assert response.status_code == 302
     [entry] = LogEntry.objects.filter(object_id=str(buyer.pk))
@@ -845,7 +849,8 @@ def test_an_operator_who_loosens_a_policy_then_creates_a_seller_is_not_paid_with
     owner_api = Api(issue_owner_token(buyer.owner))
     owner_api.put(f"/agents/{buyer.pk}/policies", {"approval_threshold_atomic": 1})
     staff = staff_client(settings, "view_policy", "change_policy", "view_approvalrequest", "change_approvalrequest")
-    assert staff.post(f"/admin/policies/policy/{buyer.pk}/change/", POLICY_FORM).status_code == 302
+    page = f"/admin/policies/policy/{buyer.pk}/change/"
+    assert staff.post(page, {**policy_form(staff, page), "approval_threshold": ""}).status_code == 302
     operator = get_user_model().objects.get(username="staff")
     created = staff.post("/agents", agent_body("ops-seller", owner=operator, roles=["seller"]),
                          content_type="application/json")
@@ -1321,3 +1326,26 @@ def test_an_operator_who_owns_a_seller_does_not_rename_another_owners_account(se
     no_longer_owning_a_seller(account)
     assert staff.post(page, renamed).status_code == 302
     assert get_user_model().objects.get(pk=competitor.pk).username == "competitor-old"
+
+
+def test_an_operators_policy_change_keeps_what_the_owner_changed_since_the_page_was_shown(operator, buyer, owner_api):
+    """The policy's page posts every field, and the admin set them all: a seller the owner allowed while the operator
+    had the page open (a cap they lowered, a tag they blocked) was dropped by the operator's allowing another, which
+    the history recorded as the operator's removal. What the operator changed from the page as shown is written (a
+    list's additions and removals, applied to the list as stored); the rest stays as the owner left it."""
+    Policy.objects.create(agent=buyer, daily_cap=5_000_000, allowed_sellers=["seller-one"])
+    page = f"/admin/policies/policy/{buyer.pk}/change/"
+    form = policy_form(operator, page)
+    assert owner_api.put(f"/agents/{buyer.pk}/policies", {
+        "allowed_sellers": ["seller-one", "seller-two"], "monthly_cap_atomic": 9_000_000,
+        "blocked_tags": ["gambling"]}).status_code == 200
+
+    response = operator.post(page, {**form, "allowed_sellers": '["seller-one", "seller-three"]',
+                                    "daily_cap": 4_000_000})
+
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    policy = Policy.objects.get(agent=buyer)
+    assert (policy.allowed_sellers, policy.daily_cap, policy.monthly_cap, policy.blocked_tags) == (
+        ["seller-one", "seller-two", "seller-three"], 4_000_000, 9_000_000, ["gambling"])
+    message = LogEntry.objects.get(object_id=str(buyer.pk)).get_change_message()
+    assert "monthly_cap" not in message and "blocked_tags" not in message
