@@ -142,6 +142,9 @@ class UsageAgreementAdmin(IndexedSearch, PrivateContentAdmin, MoneyRecordAdmin):
 
     list_display = ("short_id", "status", "buyer", "seller", "service", "deposit_display", "used_display",
                     "created_at")
+    # The columns an index reads in order (IndexedSearch): what an agreement used changes with every call, which an
+    # index on it would slow; its parties, service and status sort by joins or by no index.
+    sortable_by = ("short_id", "deposit_display", "created_at")
     list_filter = ("status", "settlement_model", known_values_filter("token", supported_tokens),
                    ("payment_reverted_at", admin.EmptyFieldListFilter),
                    ("payment_reversal_acknowledged_at", admin.EmptyFieldListFilter), "created_at")
@@ -226,6 +229,7 @@ class UsageAgreementAdmin(IndexedSearch, PrivateContentAdmin, MoneyRecordAdmin):
 
 @admin.register(UsageEvent)
 class UsageEventAdmin(IndexedSearch, PrivateContentAdmin, MoneyRecordAdmin):
+    sortable_by = ("short_id",)  # the columns an index reads in order (IndexedSearch)
     list_display = ("short_id", "agreement_short", "seq", "source", "units", "cost_display", "cumulative_display",
                     "signed", "created_at")
     list_filter = ("source", "created_at")
@@ -431,6 +435,7 @@ def redeliver(modeladmin, request, queryset):
 class WebhookDeliveryAdmin(IndexedSearch, MoneyRecordAdmin):
     """A log of what was sent; sending again is the action, which writes a new attempt."""
 
+    sortable_by = ("short_id", "created_at")  # the columns an index reads in order (IndexedSearch)
     list_display = ("short_id", "event_type", "agreement_short", "subscription_agent", "status", "attempts",
                     "last_status_code", "created_at", "delivered_at")
     list_filter = ("status", known_values_filter("event_type", lambda: EVENT_TYPES, title="event type"))
@@ -519,6 +524,7 @@ class InvocationSellerFailureAdmin(IndexedSearch, MoneyRecordAdmin):
     wallet or a seller's handle to see why a buyer party (the agent's owner, the wallet, an anonymous payer's client
     network) is refused that seller's skills, and when that ends. Recorded by agreements.invocations only."""
 
+    sortable_by = ("failed_at",)  # the columns an index reads in order (IndexedSearch)
     list_display = ("invocation_link", "seller", "buyer_owner", "payer_display", "anonymous_client", "failed_at")
     list_filter = (("buyer_owner", admin.EmptyFieldListFilter), ("anonymous_client", admin.EmptyFieldListFilter),
                    "failed_at")
@@ -543,6 +549,7 @@ class SkillInvocationAdmin(IndexedSearch, PrivateContentAdmin, MoneyRecordAdmin)
     operator looked into is acknowledged (action): it stays here, with who, when and why, and no longer fails
     `reconcile`."""
 
+    sortable_by = ("short_id", "created_at")  # the columns an index reads in order (IndexedSearch)
     list_display = ("short_id", "skill", "seller", "buyer", "status", "money", "amount_display", "fee_display",
                     "created_at", "completed_at", "payment_reverted_at")
     list_filter = ("status", "money", "is_async", ("payment_reverted_at", admin.EmptyFieldListFilter),

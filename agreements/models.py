@@ -358,6 +358,8 @@ class UsageAgreement(PaymentReversal):
             # The operators' list (the admin), newest first as Django orders it (then by the key, for a total order):
             # a page read from the index, not sorted out of every row.
             models.Index(fields=["-created_at", "-id"], name="agreement_newest_idx"),
+            # The admin's list sorted by deposit, either way (marketplace.admin.ColumnOrderChangeList's tie-break).
+            models.Index(fields=["deposit_amount", "id"], name="agreement_deposit_idx"),
             # The dashboard's volume chart reads the deposits activated in its window, not every agreement.
             models.Index(fields=["activated_at"], condition=Q(activated_at__isnull=False),
                          name="agreement_activated_idx"),

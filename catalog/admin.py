@@ -302,6 +302,7 @@ class ServiceAdmin(IndexedSearch, SecretsUnfiltered, admin.ModelAdmin):
 
 @admin.register(Skill)
 class SkillAdmin(IndexedSearch, ViewOnlyAdmin):
+    sortable_by = ()  # by name, the order its index reads (IndexedSearch)
     list_display = ("name", "service", "seller", "price", "is_async", "timeout_seconds")
     list_filter = ("is_async", "service__state")
     # Part of a skill's name or description (trigram indexes on PostgreSQL: migration 0022); its service's name or

@@ -127,6 +127,7 @@ def paid_for_html(tx: ChainTransaction):
 class ChainTransactionAdmin(IndexedSearch, MoneyRecordAdmin):
     # What a held payout waits for is on its page and behind the "held until block" filter: one column more made the
     # list scroll sideways on an operator's screen.
+    sortable_by = ("short_id",)  # the columns an index reads in order (IndexedSearch)
     list_display = ("short_id", "purpose", "status", "paid_for", "amount", "nonce", "mined_tx_display",
                     "mined_block_number", "failure_short", "updated_at")
     list_filter = ("status", "purpose", ("fee_cap_reached_at", admin.EmptyFieldListFilter),
@@ -303,6 +304,7 @@ class ChainEventAdmin(IndexedSearch, MoneyRecordAdmin):
 
     # The agreement as its linked id (`agreement_link`): its name read its buyer, seller and service, three
     # statements for each row listed.
+    sortable_by = ()  # newest first, the order its index reads (IndexedSearch)
     list_display = ("name", "block_number", "log_index", "agreement_short", "effect", "from_status", "to_status",
                     "error", "removed_at", "acknowledged_at", "acknowledged_by")
     # The event names the indexer keeps, not `SELECT DISTINCT name` of every event on each view of the list.
@@ -340,6 +342,7 @@ class RelayRevertAdmin(IndexedSearch, MoneyRecordAdmin):
     (agent:<id>, wallet:<address>), the wallet that paid, the owner or an anonymous payer's client address to see
     why its relayed actions are refused, and when that ends."""
 
+    sortable_by = ("reverted_at",)  # the columns an index reads in order (IndexedSearch)
     list_display = ("party", "wallet", "owner", "client", "purpose", "transaction_link", "agreement", "reason",
                     "reverted_at")
     list_filter = ("transaction__purpose",)

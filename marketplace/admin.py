@@ -19,6 +19,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.models import LogEntry
 from django.contrib.admin.utils import unquote
+from django.contrib.admin.views.main import ORDER_VAR, ChangeList
 from django.contrib.postgres.search import SearchQuery
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
@@ -29,6 +30,7 @@ from django.core.paginator import Paginator
 from django.db import models, transaction
 from django.db.models import Count, Q
 from django.db.models.constants import LOOKUP_SEP
+from django.db.models.expressions import OrderBy
 from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -135,6 +137,24 @@ class KeysFirstPaginator(Paginator):
         return self._get_page(self.object_list.filter(pk__in=keys), number, self)
 
 
+class ColumnOrderChangeList(ChangeList):
+    """A list sorted by a column's header whose tie-break on the key runs the column's way: Django's ran descending
+    whichever way the column ran (`ORDER BY deposit_amount ASC, id DESC`), which no index reads in order (an index
+    on (column, id) reads them both ways, forwards or backwards), so the list sorted every row of the table for each
+    page. A list in its default order keeps Django's tie-break, which its indexes were made for."""
+
+    def _get_deterministic_ordering(self, ordering):
+        ordering = list(ordering)
+        settled = super()._get_deterministic_ordering(ordering)
+        if self.params.get(ORDER_VAR) and len(settled) > len(ordering) and ordering and _ascending(ordering[0]):
+            settled[-1] = "pk"
+        return settled
+
+
+def _ascending(part) -> bool:
+    return not part.descending if isinstance(part, OrderBy) else not str(part).startswith("-")
+
+
 class IndexedSearch:
     """A model admin of a big table whose search reads indexes, not every row (and a page deep in its list, its keys
     first: `KeysFirstPaginator`): Django's search compares each term with
@@ -146,10 +166,14 @@ class IndexedSearch:
     (an id, a handle, a hash), as an operator copies them from a page's tooltip or a log. A `@<search vector>` entry
     matches the term's words too, as the catalog's search reads them (English, web search syntax: its GIN index). An
     entry ending with a lookup of a small related table (`subscription__url__host_contains`) is asked of that table
-    first, with the term as typed, and its rows matched by their key."""
+    first, with the term as typed, and its rows matched by their key. Its columns sort (`sortable_by`, each admin's)
+    by what an index reads in order, the key's tie-break running the column's way (`ColumnOrderChangeList`)."""
 
     search_help_text = "Whole values only: an id, a handle, a transaction hash (as shown in full in a tooltip)."
     paginator = KeysFirstPaginator
+
+    def get_changelist(self, request, **kwargs):
+        return ColumnOrderChangeList
 
     def get_search_results(self, request, queryset, search_term):
         fields = {path: _field_at(self.model, path) for path in self.get_search_fields(request)
