@@ -16,7 +16,7 @@ from catalog import services
 from catalog.models import Agent, ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
 from marketplace import shown_text, url_credentials
 from marketplace.admin import (IndexedSearch, LatestRowsInline, SecretsUnfiltered, ViewOnlyAdmin, across_pages_refused,
-                               activity_change_message, known_values_filter, may_operate, rotation_overlap_column,
+                               action_confirmation, activity_change_message, known_values_filter, may_operate, rotation_overlap_column,
                                supported_tokens)
 from marketplace.errors import ApplicationError
 
@@ -47,9 +47,9 @@ class CredentialStatusFilter(admin.SimpleListFilter):
 def _revoke(modeladmin, request, credentials) -> None:
     count = 0
     for credential in credentials:
-        holder = credential.agent.owner_id if isinstance(credential, ApiKey) else credential.owner_id
         try:
-            services.operator_owns_a_seller_check(owner_id=holder, operator=request.user, does="revokes this")
+            services.operator_owns_a_seller_check(owner_id=_holder(credential).pk, operator=request.user,
+                                                  does="revokes this")
         except ApplicationError as refused:
             messages.error(request, f"{credential.prefix}: {refused.message} ({refused.code})")
             continue
@@ -62,15 +62,44 @@ def _revoke(modeladmin, request, credentials) -> None:
                              f"working within {settings.CREDENTIAL_CACHE_SECONDS} s (CREDENTIAL_CACHE_SECONDS).")
 
 
+def _holder(credential):
+    """The owner a credential shuts out when revoked: an API key's agent's, or the owner token's."""
+    return credential.agent.owner if isinstance(credential, ApiKey) else credential.owner
+
+
+def _revocation_confirmed(modeladmin, request, queryset, credentials):
+    """`credentials` (live, with their holders) revoked once the operator confirmed, on a page saying how many and
+    whose: a revocation shuts each owner out for good, and "select all" of a list (by design: an incident's) reached
+    every owner its filter did, from one click. Those the page showed are revoked, not one issued since."""
+    credentials = list(credentials)
+    if not credentials:
+        messages.info(request, "None of the selected credentials is live: nothing to revoke.")
+        return None
+    owners = sorted({_holder(credential).get_username() for credential in credentials})
+    tokens = sum(isinstance(credential, OwnerToken) for credential in credentials)
+    confirmation = action_confirmation(
+        modeladmin, request, queryset, keys=[credential.pk for credential in credentials],
+        title="Revoke credentials", submit="Yes, revoke them", names=owners,
+        names_caption="Owners shut out (every agent key or owner token of theirs selected stops working)",
+        summary=f"Revoke {len(credentials)} credentials of {len(owners)} owners"
+                + (f", and what the {tokens} owner tokens among them issued" if tokens else "")
+                + ". A revoked credential is never live again: its holder is issued a new one.")
+    if confirmation is not True:
+        return confirmation
+    _revoke(modeladmin, request, credentials)
+    return None
+
+
 @admin.action(description="Revoke selected credentials", permissions=["revoke"])
 def revoke_credentials(modeladmin, request, queryset):
-    _revoke(modeladmin, request, queryset.filter(revoked_at=None).select_related(
-        "agent" if modeladmin.model is ApiKey else "owner"))
+    return _revocation_confirmed(modeladmin, request, queryset, queryset.filter(revoked_at=None).select_related(
+        "agent__owner" if modeladmin.model is ApiKey else "owner"))
 
 
 @admin.action(description="Revoke every API key of the selected agents", permissions=["revoke"])
 def revoke_agent_keys(modeladmin, request, queryset):
-    _revoke(modeladmin, request, ApiKey.objects.filter(agent__in=queryset, revoked_at=None).select_related("agent"))
+    return _revocation_confirmed(modeladmin, request, queryset, ApiKey.objects.filter(
+        agent__in=queryset, revoked_at=None).select_related("agent__owner"))
 
 
 class ApiKeyInline(LatestRowsInline, admin.TabularInline):

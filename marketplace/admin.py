@@ -336,6 +336,33 @@ def acknowledgement_page(modeladmin, request, queryset, *, acknowledge, what: st
     return TemplateResponse(request, "admin/acknowledge.html", context)
 
 
+NAMES_SHOWN = 20  # on a confirmation page; "and N more" past them
+
+
+def action_confirmation(modeladmin, request, queryset, *, keys, title: str, summary: str, names_caption: str,
+                        names: list[str], submit: str):
+    """Whether the operator confirmed an admin action on the rows named by `keys` (their primary keys): True once
+    they did, on the page this answers otherwise (`TemplateResponse`), which says what the action will do (`summary`:
+    how many rows) and to whom (`names`: the owners it reaches, every tenant, NAMES_SHOWN of them then how many
+    more). The confirmation holds for the rows the page showed (a digest of their keys): when they changed since (a
+    row entered the filter of "select all"), the page is shown again, nothing done. "Select all" is posted back as
+    such, as `acknowledgement_page` does."""
+    shown = _digest([(str(key), []) for key in sorted(str(key) for key in keys)])
+    asked = request.POST.get("confirm") == "yes"
+    if asked and request.POST.get("shown") == shown:
+        return True
+    select_across = request.POST.get("select_across") == "1"
+    selected = queryset.values_list("pk", flat=True)
+    context = {**modeladmin.admin_site.each_context(request), "opts": modeladmin.model._meta, "title": title,
+               "summary": summary, "names_caption": names_caption, "names": names[:NAMES_SHOWN],
+               "names_more": max(len(names) - NAMES_SHOWN, 0), "submit": submit, "shown": shown,
+               "changed": "What you selected changed since the page was shown: check it again." if asked else "",
+               "action": request.POST["action"], "select_across": select_across,
+               "selected": selected[:1] if select_across else selected,
+               "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME}
+    return TemplateResponse(request, "admin/confirm_action.html", context)
+
+
 ACKNOWLEDGED_PER_STATEMENT = 10_000  # rows named in one statement's IN list (SQLite takes 32,766 parameters)
 
 

@@ -15,7 +15,7 @@ from agreements.models import WebhookSubscription
 from catalog.models import ApiKey, OwnerToken, Service, ServiceState, Skill, Tag
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api, error_code
-from tests.support.operators import operator_client
+from tests.support.operators import form_as_shown, operator_client
 
 pytestmark = pytest.mark.django_db
 
@@ -137,8 +137,11 @@ def test_service_fields_are_read_only(operator, catalog):
 
 
 def _run_action(operator: Client, model, action: str, rows) -> None:
+    """The action on the ticked `rows`, confirmed on the page a revocation asks on first."""
     response = operator.post(_url(model, "changelist"),
                              {"action": action, ACTION_CHECKBOX_NAME: [str(row.pk) for row in rows]})
+    if response.status_code == 200 and 'id="confirm-form"' in response.content.decode():
+        response = operator.post(_url(model, "changelist"), form_as_shown(response.content.decode(), "confirm-form"))
     assert response.status_code == 302, response.content
 
 
@@ -427,3 +430,34 @@ def test_what_agents_and_owners_name_is_shown_escaped_on_every_catalog_page(oper
         for page in (_url(model, "changelist"), _url(model, "change", row.pk)):
             html = operator.get(page).content.decode()
             assert "<script>alert" not in html and "<img src=x" not in html and "<b>y" not in html, page
+
+
+def test_revoking_all_credentials_across_pages_asks_first_saying_how_many_and_whose(operator, catalog, seller):
+    """Revoking every credential a filter selects ("Select all N", across pages) is what an incident takes, and it
+    shut every owner the filter reached out at once, for good, from one click on Go: no page said how many
+    credentials, nor whose. The action asks first, with the count and the owners, and revokes the credentials it
+    showed: when the selection changed since (a key issued), it asks again."""
+    live = ApiKey.objects.filter(revoked_at=None).select_related("agent__owner")
+    owners = {key.agent.owner.username for key in live}
+    assert len(owners) == 2
+
+    asked = operator.post(_url(ApiKey, "changelist"), {"action": "revoke_credentials", "select_across": "1",
+                                                       "index": "0", ACTION_CHECKBOX_NAME: [str(live[0].pk)]})
+
+    assert asked.status_code == 200
+    assert ApiKey.objects.filter(revoked_at=None).count() == len(live)  # nothing revoked yet
+    page = asked.content.decode()
+    assert f"{len(live)} credentials of {len(owners)} owners" in page
+    assert all(username in page for username in owners)
+    issued_since = issue_key(catalog["extractor"].seller)
+
+    again = operator.post(_url(ApiKey, "changelist"), form_as_shown(page, "confirm-form"))
+
+    assert again.status_code == 200 and "changed since the page was shown" in again.content.decode()
+    assert f"{len(live) + 1} credentials of {len(owners)} owners" in again.content.decode()
+    assert Api(issued_since).get("/agents/me").status_code == 200  # nothing revoked
+    confirmed = operator.post(_url(ApiKey, "changelist"), form_as_shown(again.content.decode(), "confirm-form"))
+
+    assert confirmed.status_code == 302
+    assert not ApiKey.objects.filter(revoked_at=None).exists()
+    assert Api(catalog["keys"]["other"]).get("/agents/me").status_code == 401

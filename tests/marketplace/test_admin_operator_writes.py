@@ -25,7 +25,7 @@ from policies.models import ApprovalRequest, Policy
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import AgentFactory, agent_body, issue_key, issue_owner_token, register_service
 from tests.conftest import Api
-from tests.support.operators import form_as_shown, operator_client, staff_account
+from tests.support.operators import action_confirmed, form_as_shown, operator_client, staff_account
 
 pytestmark = pytest.mark.django_db
 
@@ -306,7 +306,8 @@ def test_staff_who_may_change_credentials_cannot_widen_a_keys_scope_nor_extend_i
     page = staff.get(f"/admin/catalog/apikey/{key.pk}/change/").content.decode()
     assert 'name="scope"' not in page and 'name="expires_at_0"' not in page
 
-    staff.post("/admin/catalog/apikey/", {"action": "revoke_credentials", ACTION_CHECKBOX_NAME: [str(key.pk)]})
+    action_confirmed(staff, "/admin/catalog/apikey/", {"action": "revoke_credentials",
+                                                       ACTION_CHECKBOX_NAME: [str(key.pk)]})
     assert ApiKey.objects.get(pk=key.pk).revoked_at is not None  # revoking is what staff do to a key
 
 
@@ -1181,10 +1182,11 @@ def test_an_operator_who_owns_a_seller_does_not_revoke_another_owners_credential
     token = issue_owner_token(seller.owner)
     keys = {secret: ApiKey.objects.get(agent__in=[agent]) for secret, agent in ((theirs, seller), (mine, own))}
 
-    staff.post("/admin/catalog/apikey/", {"action": "revoke_credentials",
-                                          ACTION_CHECKBOX_NAME: [str(key.pk) for key in keys.values()]})
-    staff.post("/admin/catalog/agent/", {"action": "revoke_agent_keys", ACTION_CHECKBOX_NAME: [str(seller.pk)]})
-    staff.post("/admin/catalog/ownertoken/", {"action": "revoke_credentials", ACTION_CHECKBOX_NAME: [
+    action_confirmed(staff, "/admin/catalog/apikey/", {"action": "revoke_credentials",
+                                                       ACTION_CHECKBOX_NAME: [str(key.pk) for key in keys.values()]})
+    action_confirmed(staff, "/admin/catalog/agent/", {"action": "revoke_agent_keys",
+                                                      ACTION_CHECKBOX_NAME: [str(seller.pk)]})
+    action_confirmed(staff, "/admin/catalog/ownertoken/", {"action": "revoke_credentials", ACTION_CHECKBOX_NAME: [
         str(OwnerToken.objects.get(owner=seller.owner).pk)]})
 
     assert Api(theirs).get("/agents/me").status_code == 200 and Api(token).get("/agents").status_code == 200

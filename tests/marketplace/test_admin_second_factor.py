@@ -40,7 +40,7 @@ from marketplace.celery import app as celery_app
 from marketplace.models import AuthenticatorAppDevice, RecoveryCode, RecoveryCodeDevice
 from tests.catalog.factories import issue_key
 from tests.conftest import Api
-from tests.support.operators import code, enrol, enrolment, log_in, operator_client
+from tests.support.operators import action_confirmed, code, enrol, enrolment, log_in, operator_client
 
 pytestmark = pytest.mark.django_db
 
@@ -125,8 +125,8 @@ def test_the_password_and_a_current_code_open_the_admin_its_actions_metrics_and_
     for path in ("/admin/", "/admin/dashboard/", "/admin/catalog/apikey/", "/admin/marketplace/authenticatorappdevice/"):
         assert client.get(path).status_code == 200, path
     assert client.get(f"/admin/escrow/dispute/{uuid.uuid4()}/resolve/").status_code == 404  # past the gate
-    client.post(reverse("admin:catalog_apikey_changelist"),
-                {"action": "revoke_credentials", ACTION_CHECKBOX_NAME: [str(key.pk)]})
+    action_confirmed(client, reverse("admin:catalog_apikey_changelist"),
+                     {"action": "revoke_credentials", ACTION_CHECKBOX_NAME: [str(key.pk)]})
     assert ApiKey.objects.get(pk=key.pk).revoked_at is not None
     assert Api(secret).get("/agents/me").status_code == 401
     assert client.get("/metrics").status_code == 200

@@ -121,3 +121,12 @@ def staff_account(username: str = "ops", *permissions: str):
                     for label, _, codename in (permission.partition(".") for permission in permissions)])
     account.user_permissions.add(*granted)
     return account.get_username()
+
+
+def action_confirmed(client, changelist: str, data: dict):
+    """An admin action posted to `changelist` with `data`, and confirmed as shown when it asks first
+    (`marketplace.admin.action_confirmation`: a revocation); the last answer."""
+    response = client.post(changelist, data)
+    if response.status_code == 200 and 'id="confirm-form"' in response.content.decode():
+        response = client.post(changelist, form_as_shown(response.content.decode(), "confirm-form"))
+    return response
