@@ -462,6 +462,7 @@ class WebhookDeliveryAdmin(IndexedSearch, MoneyRecordAdmin):
 class PaymentAuthorizationAdmin(IndexedSearch, MoneyRecordAdmin):
     """Signed x402 payments (EIP-3009) the platform accepted, for direct purchases and skill invocations."""
 
+    sortable_by = ("id",)  # the columns an index reads in order (IndexedSearch)
     list_display = ("id", "payer_display", "pay_to_display", "amount_display", "paid_for", "created_at")
     # What each row paid for (`paid_for_html`) with the row, not four statements more per row.
     list_select_related = ("invocation__skill", "invocation__seller", "agreement__service", "agreement__seller")

@@ -280,6 +280,7 @@ def deregister_services(modeladmin, request, queryset):
 
 @admin.register(Service)
 class ServiceAdmin(IndexedSearch, SecretsUnfiltered, admin.ModelAdmin):
+    sortable_by = ()  # no column an index reads in order (IndexedSearch): filter, or search
     list_display = ("name", "seller", "state", "pricing_type", "unit_price", "token", "upstream_protocol",
                     "availability", "created_at")
     list_filter = ("state", "pricing_type", "upstream_protocol", "availability",
