@@ -14,14 +14,17 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 from django.core.management import CommandError, call_command
 from django.utils import timezone
+from django.utils.html import escape
 
 from agreements import webhooks
 from agreements.admin import WebhookSubscriptionForm
-from agreements.models import DeliveryStatus, FeeSchedule, WebhookDelivery, WebhookSubscription
-from catalog.models import Agent, ApiKey, OwnerToken
+from agreements.models import (DeliveryStatus, FeeSchedule, SkillInvocation, UsageAgreement, WebhookDelivery,
+                               WebhookSubscription)
+from catalog.models import Agent, ApiKey, OwnerToken, Service
 from escrow import relayer
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, IndexerCursor, TxAttempt, TxPurpose, TxStatus
 from policies.models import ApprovalRequest, Policy
+from bench.admin_pages import pages, rows_added
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import AgentFactory, agent_body, issue_key, issue_owner_token, register_service
 from tests.conftest import Api
@@ -1351,3 +1354,45 @@ def test_an_operators_policy_change_keeps_what_the_owner_changed_since_the_page_
         ["seller-one", "seller-two", "seller-three"], 4_000_000, 9_000_000, ["gambling"])
     message = LogEntry.objects.get(object_id=str(buyer.pk)).get_change_message()
     assert "monthly_cap" not in message and "blocked_tags" not in message
+
+
+def test_no_admin_page_can_be_framed_by_another_site(operator, buyer, seller):
+    """An operator's page framed by another site, under a decoy, turns their clicks into its actions (a revocation's
+    confirmation, a dispute's resolution, a policy's Save): every admin page, the login's included, forbids framing."""
+    Policy.objects.create(agent=buyer)
+    issue_key(seller)
+    key = ApiKey.objects.get(agent=seller)
+    confirmation = operator.post("/admin/catalog/apikey/", {"action": "revoke_credentials",
+                                                            ACTION_CHECKBOX_NAME: [str(key.pk)]})
+    pages = [Client().get("/admin/login/"), operator.get("/admin/"), operator.get("/admin/dashboard/"),
+             operator.get("/admin/agreements/usageagreement/"), operator.get(f"/admin/policies/policy/{buyer.pk}/change/"),
+             operator.get(f"/admin/catalog/apikey/{key.pk}/history/"), confirmation]
+
+    assert [(page.status_code, page.headers.get("X-Frame-Options")) for page in pages] == [(200, "DENY")] * len(pages)
+
+
+XSS = '<img src=x onerror="alert(1)">'
+
+
+def test_text_agents_sellers_and_their_servers_wrote_is_shown_escaped_on_every_admin_page(operator):
+    """What sellers, agents and the servers they run write (a display name, a service's name and description, a
+    status reason, a webhook receiver's error, a failed transaction's reason, a skill's error) is shown on operators'
+    pages as text, never run as markup in an operator's session (every page measured: lists, searches, change pages,
+    the dashboard)."""
+    rows_added(3, owner=get_user_model().objects.create(username="rows-owner"))
+    Agent.objects.update(display_name=XSS)
+    Service.objects.update(name=XSS, description=XSS, availability_message=XSS)
+    UsageAgreement.objects.update(status_reason=XSS, completion_reason=XSS)
+    WebhookDelivery.objects.update(status=DeliveryStatus.FAILED, last_error=XSS)
+    ChainTransaction.objects.update(status=TxStatus.FAILED, failure_reason=XSS)
+    SkillInvocation.objects.update(error=XSS)
+
+    shown_escaped = set()
+    for name, path in pages():
+        page = operator.get(path)
+        assert page.status_code == 200, name
+        assert XSS not in page.content.decode(), name
+        if escape(XSS) in page.content.decode():
+            shown_escaped.add(name)
+    assert {"dashboard", "agreements: list", "agreements: change page", "services: list",
+            "chain transactions: list"} <= shown_escaped, shown_escaped
