@@ -1396,3 +1396,17 @@ def test_text_agents_sellers_and_their_servers_wrote_is_shown_escaped_on_every_a
             shown_escaped.add(name)
     assert {"dashboard", "agreements: list", "agreements: change page", "services: list",
             "chain transactions: list"} <= shown_escaped, shown_escaped
+
+
+@pytest.mark.parametrize(("changelist", "lookup"), [
+    ("/admin/agreements/usageagreement/", "buyer__owner__password__startswith"),
+    ("/admin/catalog/apikey/", "agent__owner__password__startswith"),
+    ("/admin/policies/policy/", "agent__owner__password__startswith"),
+    ("/admin/agreements/webhookdelivery/", "subscription__secret__startswith"),
+    ("/admin/escrow/relayrevert/", "owner__password__startswith"),
+])
+def test_a_list_is_not_filtered_through_its_relations_on_what_no_page_shows(operator, changelist, lookup):
+    """Django takes a filter on the list's own columns from the address, and one through a relation only when a list
+    filter offers it: whether a row is still listed under `?buyer__owner__password__startswith=pbkdf2_sha256$1` (an
+    owner's password hash, a subscription's signing secret) would tell it a character at a time. Refused (400)."""
+    assert operator.get(changelist, {lookup: "p"}).status_code == 400
