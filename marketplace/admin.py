@@ -328,7 +328,7 @@ def acknowledgement_page(modeladmin, request, queryset, *, acknowledge, what: st
     # DATA_UPLOAD_MAX_NUMBER_FIELDS ids the operator's answer was refused.
     selected = queryset.values_list("pk", flat=True)
     context = {**modeladmin.admin_site.each_context(request), "opts": modeladmin.model._meta, "form": form,
-               "caption": f"{what.capitalize()} to acknowledge", "columns": columns,
+               "caption": f"{what.capitalize()} to acknowledge: {len(shown_rows)}", "columns": columns,
                "rows": [cells for _key, cells in shown_rows], "none_left": none_left, "action": request.POST["action"],
                "select_across": select_across, "selected": selected[:1] if select_across else selected,
                "shown": _digest(shown_rows), "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
