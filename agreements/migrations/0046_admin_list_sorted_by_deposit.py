@@ -21,7 +21,7 @@ class Migration(migrations.Migration):
     atomic = False  # CREATE INDEX CONCURRENTLY runs outside a transaction
 
     dependencies = [
-        ("agreements", "0044_webhook_subscription_paused_reason"),
+        ("agreements", "0045_agreement_completion_code"),
     ]
 
     operations = [
