@@ -1,7 +1,7 @@
 """`ANY /metered-proxy/{agreement_id}/{path}`: forward a buyer's call to the seller and bill it to the escrow.
 
 Reserve the price (one conditional UPDATE) → forward with httpx (pooled, timeouts, streamed) → commit the charge
-when the upstream answered below 500, release it on 5xx, timeout or connection error. Pricing: per call, or per
+when the upstream answered below 500, release it on 5xx, a redirect (3xx but 304), timeout or connection error. Pricing: per call, or per
 unit where the upstream reports the units it served in `X-Usage-Units` (capped by the buyer's `X-Max-Units`,
 default 1, which is what is reserved). A retry carrying the same `X-Request-Nonce` gets the first answer again
 and is charged once (409 `request_in_progress` while the first runs); a retry of a call not charged (a 5xx) is a new
@@ -18,8 +18,9 @@ are ASCII digits; headers named in `Connection:` are dropped both ways; the buye
 that servers read as the request's path or host (`X-Original-URL`), are replaced by the platform's own
 `X-Forwarded-For`; the upstream's `Set-Cookie` never reaches the buyer (the buyer
 talks to the marketplace, not to the seller's site, and a seller's cookie would be set on the marketplace's host), nor
-do the orders a web server in front acts on (`X-Accel-*`, `X-Sendfile`). Redirects are never followed, and a 3xx's
-`Location` reaches the buyer only under this agreement's proxy path or on another host than the marketplace's.
+do the orders a web server in front acts on (`X-Accel-*`, `X-Sendfile`). Redirects are never followed, and an answer's
+`Location` or `Content-Location` (a 3xx's, a 201's, any) reaches the buyer only under this agreement's proxy path or
+on another host than the marketplace's.
 The upstream's answer head is read up to PROXY_MAX_ANSWER_HEAD_BYTES (502 `upstream_answer_head_too_large` beyond)
 and its body framed as RFC 9112 says, or it is no answer (502 `upstream_unavailable`); neither is charged.
 """
@@ -457,7 +458,8 @@ def _forward(request, caller: KeyHolder, terms: selectors.CallTerms, upstream_pa
 def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.Reservation,
                     upstream: outbound.UpstreamAnswer, waiting: "_Waiting", max_units: int, upstream_path: str,
                     nonce: str, started: float) -> HttpResponse:
-    """The buyer's answer to the upstream's: charged (or released, for a 5xx), its body streamed or stored."""
+    """The buyer's answer to the upstream's: charged (or released, for a 5xx or a redirect), its body streamed or
+    stored."""
     upstream_headers = upstream.headers
     try:
         latency_ms = int(_observe_upstream("error" if upstream.status >= 500 else "ok", started) * 1000)
@@ -465,7 +467,10 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
     except BaseException:
         metering.reservation_release(reservation=reservation)
         raise
-    if upstream.status >= 500:
+    status = upstream.status
+    # A 5xx served nothing, nor did a redirect (a 304 but: the buyer's copy is current): charged, a redirect to itself
+    # was paid once per hop the buyer's client follows. Released as the upstream failing is; a 200 compares twice.
+    if status >= 500 or (300 <= status < 400 and status != 304):
         metering.reservation_release(reservation=reservation)
         cost, event = 0, None
     else:
@@ -477,9 +482,12 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
     # Bodies pass through as raw bytes, so Content-Encoding and Content-Length stay true.
     dropped = (_RESPONSE_DROPPED | _MARKETPLACE_ANSWER_HEADERS
                | _named_in_connection(value for name, value in upstream_headers if name.lower() == "connection"))
-    headers = _passed_on(upstream_headers, dropped)
-    if 300 <= upstream.status < 400:  # a redirect, which the buyer's client may follow
-        _confine_location(headers, request, terms, upstream_path)
+    headers, named = _passed_on(upstream_headers, dropped)
+    # A URL the buyer's client may follow with its key: a redirect's, a 201's or 202's (the job to poll), any answer's
+    # Content-Location. Two lookups on a call that has none.
+    for lowercase_name in _URL_HEADERS:
+        if lowercase_name in named:
+            _confine_location(headers, named[lowercase_name], request, terms, upstream_path)
     headers["X-Usage-Cost"] = str(cost)
     used = event.cumulative if event else metering.agreement_used(agreement_id=terms.pk)
     headers["X-Escrow-Remaining"] = str(terms.deposit_amount - used)
@@ -506,11 +514,12 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
     return response
 
 
-def _passed_on(upstream_headers: list[tuple[str, str]], dropped: set[str]) -> dict[str, str]:
+def _passed_on(upstream_headers: list[tuple[str, str]], dropped: set[str]) -> tuple[dict[str, str], dict[str, str]]:
     """The upstream's answer headers the buyer gets, a field sent on several lines as one joined with commas (RFC 9110
     5.3; Set-Cookie, the one field that cannot be, is dropped): kept in a dict by name, only the last line of each
     reached the buyer (one of a 401's WWW-Authenticate challenges, of a Vary's). A line repeating the value so far is
-    not added (a Content-Length sent twice whole, its one value: `9, 9` is no length to most clients)."""
+    not added (a Content-Length sent twice whole, its one value: `9, 9` is no length to most clients). With them,
+    each one's name as first sent by its lowercase name."""
     headers: dict[str, str] = {}
     named: dict[str, str] = {}  # lowercase name -> the name as first sent
     for name, value in upstream_headers:
@@ -520,7 +529,7 @@ def _passed_on(upstream_headers: list[tuple[str, str]], dropped: set[str]) -> di
         first = named.setdefault(lower, name)
         so_far = headers.get(first)
         headers[first] = value if so_far is None or so_far == value else f"{so_far}, {value}"
-    return headers
+    return headers, named
 
 
 def _origin(url) -> tuple[str, str, int | None]:
@@ -528,19 +537,21 @@ def _origin(url) -> tuple[str, str, int | None]:
     return url.scheme.lower(), (url.hostname or ""), url.port or {"http": 80, "https": 443}.get(url.scheme.lower())
 
 
-def _confine_location(headers: dict, request, terms: selectors.CallTerms, upstream_path: str) -> None:
-    """A redirect's `Location` as the buyer's client may follow it. The seller writes it for the URL the proxy
-    called, and the buyer's client resolves it against the marketplace's URL it called, keeping its Authorization
-    on that host: passed on as written, `/usage-agreements` (or `../../..`, or the marketplace's own host) sent the
-    buyer's key, and with a 307 or 308 its body, to another endpoint of the marketplace at the seller's order. So it
-    is resolved against the URL called: under the service's base path it becomes this agreement's proxy path (a
-    call the buyer's client makes, and is charged for, as any); elsewhere on the seller's host (whose address the
-    buyer is not shown), on the marketplace's host, or read otherwise by other URL parsers (a dot segment encoded or
-    behind a backslash, a host that is not a plain name or address), or unreadable, it is dropped; on another host
-    it is that URL."""
-    name = next((name for name in headers if name.lower() == "location"), None)
-    if name is None:
-        return
+# Answer headers holding a URL the buyer's client may call with its key: a redirect's target, a 201's new resource or
+# a 202's job to poll (Location), the answer's own URL (Content-Location, which caches and clients read).
+_URL_HEADERS = ("location", "content-location")
+
+
+def _confine_location(headers: dict, name: str, request, terms: selectors.CallTerms, upstream_path: str) -> None:
+    """The URL in `headers[name]` (a `Location` or `Content-Location`) as the buyer's client may follow it. The
+    seller writes it for the URL the proxy called, and the buyer's client resolves it against the marketplace's URL
+    it called, keeping its Authorization on that host: passed on as written, `/usage-agreements` (or `../../..`, or
+    the marketplace's own host) sent the buyer's key, and with a 307 or 308 its body, to another endpoint of the
+    marketplace at the seller's order. So it is resolved against the URL called: under the service's base path it
+    becomes this agreement's proxy path (a call the buyer's client makes, and is charged for, as any); elsewhere on
+    the seller's host (whose address the buyer is not shown), on the marketplace's host, or read otherwise by other
+    URL parsers (a dot segment encoded or behind a backslash, a host that is not a plain name or address), or
+    unreadable, it is dropped; on another host it is that URL."""
     base = urlsplit(terms.upstream_base_url)
     try:
         target = urlsplit(urljoin(terms.upstream_base_url + upstream_path, headers.pop(name)))

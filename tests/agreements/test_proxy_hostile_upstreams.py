@@ -586,7 +586,7 @@ def test_a_sellers_redirect_never_sends_the_buyers_client_to_the_marketplaces_ow
     proxied = f"http://testserver{active.proxy}/"
     assert followed == {b"/api/absolute-path": None, b"/api/a/climbing": None, b"/api/marketplace-host": None,
                         b"/api/within": f"{proxied}next?page=2#top", b"/api/elsewhere": "https://other.example/next"}
-    assert _books(active) == (5 * PRICE, 0)
+    assert _books(active) == (0, 0)  # a redirect is not charged
 
 
 def test_an_answer_header_repeated_reaches_the_buyer_with_every_value(escrow_chain, django_capture_on_commit_callbacks):
@@ -639,3 +639,65 @@ def test_a_sellers_redirect_read_otherwise_by_other_url_parsers_is_dropped(
     marketplace's own there. Such a Location is dropped."""
     _, locations = _locations_given(escrow_chain, django_capture_on_commit_callbacks, _REDIRECTS_READ_OTHERWISE)
     assert locations == dict.fromkeys(_REDIRECTS_READ_OTHERWISE)
+
+
+_CREATED_ANSWERS = {  # the call's path: the upstream's answer head to it (its base path is /api)
+    b"/api/created": b"201 Created\r\nLocation: /usage-agreements\r\nContent-Location: /usage-agreements",
+    b"/api/accepted": b"202 Accepted\r\nLocation: http://TestServer/usage-agreements\r\nContent-Location: /api/jobs/7",
+    b"/api/job": b"202 Accepted\r\nlocation: /api/jobs/7?wait=1\r\nCONTENT-LOCATION: https://other.example/jobs/7",
+    b"/api/plain": b"200 OK\r\nContent-Location: ../../../../usage-agreements",
+}
+
+
+def test_a_created_or_accepted_answers_location_never_sends_the_buyers_client_to_the_marketplaces_own_endpoints(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """Only a 3xx's `Location` was confined: a 201's or a 202's (where a client polls the job it names, with its
+    key), and a `Content-Location` on any answer, were passed on as written, so `201 Location: /usage-agreements`
+    (or the marketplace's own host) sent the buyer's client, with its key, to the marketplace's own endpoints. Both
+    are confined as a redirect's `Location` is, whatever the status."""
+
+    def answer(path: bytes) -> bytes:
+        return b"HTTP/1.1 %s\r\nContent-Length: 2\r\n\r\n{}" % _CREATED_ANSWERS[path]
+
+    with _answering_each(answer, []) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        given = {}
+        for path in _CREATED_ANSWERS:
+            response = _call(active, "post", f"{active.proxy}/{path.decode().removeprefix('/api/')}", data=b"{}",
+                             content_type="application/json")
+            assert _body(response) == b"{}"
+            given[path] = (response.status_code, response.get("Location"), response.get("Content-Location"))
+    assert given == {b"/api/created": (201, None, None),
+                     b"/api/accepted": (202, None, f"{active.proxy}/jobs/7"),
+                     b"/api/job": (202, f"{active.proxy}/jobs/7?wait=1", "https://other.example/jobs/7"),
+                     b"/api/plain": (200, None, None)}
+    assert _books(active) == (4 * PRICE, 0)
+
+
+def test_a_sellers_redirect_is_not_charged_so_a_redirect_loop_costs_the_buyer_nothing(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """A 3xx under the service's base path is a call the buyer's client makes again through the proxy, and each 3xx
+    was charged as answered below 500: a seller redirecting a path to itself (or two paths to each other) was paid
+    as many calls as the buyer's client follows (30 for Python's requests, 20 for a browser's fetch) for one call
+    served, or for none. A redirect serves nothing: it is not charged, as a 5xx. A 304 Not Modified answers the
+    buyer's conditional request (its copy is current): charged, as a 200."""
+
+    def answer(path: bytes) -> bytes:
+        if path == b"/api/cached":
+            return b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n"
+        return b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /api/loop\r\nContent-Length: 0\r\n\r\n"
+
+    with _answering_each(answer, []) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        followed = []
+        path = f"{active.proxy}/loop"
+        for _ in range(4):  # a client following the redirects
+            response = _call(active, "get", path, HTTP_X_REQUEST_NONCE=f"n-{len(followed)}")
+            followed.append((response.status_code, response["X-Usage-Cost"], response.get("X-Usage-Event-Id")))
+            path = response["Location"]
+        cached = _call(active, "get", f"{active.proxy}/cached", HTTP_IF_NONE_MATCH='"v1"')
+    assert followed == [(307, "0", None)] * 4
+    assert path == f"{active.proxy}/loop"
+    assert (cached.status_code, cached["X-Usage-Cost"]) == (304, str(PRICE))
+    assert _books(active) == (PRICE, 0) and UsageEvent.objects.count() == 1
+    assert not ProxyReplay.objects.exists()  # a nonce's call not charged stores nothing
