@@ -19,7 +19,7 @@ that servers read as the request's path or host (`X-Original-URL`), are replaced
 `X-Forwarded-For`; the upstream's `Set-Cookie` never reaches the buyer (the buyer
 talks to the marketplace, not to the seller's site, and a seller's cookie would be set on the marketplace's host), nor
 do the orders a web server in front acts on (`X-Accel-*`, `X-Sendfile`). Redirects are never followed, and an answer's
-`Location` or `Content-Location` (a 3xx's, a 201's, any) reaches the buyer only under this agreement's proxy path or
+`Location`, `Content-Location` or `Link` target (a 3xx's, a 201's, any) reaches the buyer only under this agreement's proxy path or
 on another host than the marketplace's.
 The upstream's answer head is read up to PROXY_MAX_ANSWER_HEAD_BYTES (502 `upstream_answer_head_too_large` beyond)
 and its body framed as RFC 9112 says, or it is no answer (502 `upstream_unavailable`); neither is charged.
@@ -483,11 +483,11 @@ def _charged_answer(request, terms: selectors.CallTerms, reservation: metering.R
     dropped = (_RESPONSE_DROPPED | _MARKETPLACE_ANSWER_HEADERS
                | _named_in_connection(value for name, value in upstream_headers if name.lower() == "connection"))
     headers, named = _passed_on(upstream_headers, dropped)
-    # A URL the buyer's client may follow with its key: a redirect's, a 201's or 202's (the job to poll), any answer's
-    # Content-Location. Two lookups on a call that has none.
+    # URLs the buyer's client may follow with its key: a redirect's, a 201's or 202's (the job to poll), any answer's
+    # Content-Location or Link. Three lookups on a call that has none.
     for lowercase_name in _URL_HEADERS:
         if lowercase_name in named:
-            _confine_location(headers, named[lowercase_name], request, terms, upstream_path)
+            _confine_urls(headers, named[lowercase_name], request, terms, upstream_path)
     headers["X-Usage-Cost"] = str(cost)
     used = event.cumulative if event else metering.agreement_used(agreement_id=terms.pk)
     headers["X-Escrow-Remaining"] = str(terms.deposit_amount - used)
@@ -537,28 +537,47 @@ def _origin(url) -> tuple[str, str, int | None]:
     return url.scheme.lower(), (url.hostname or ""), url.port or {"http": 80, "https": 443}.get(url.scheme.lower())
 
 
-# Answer headers holding a URL the buyer's client may call with its key: a redirect's target, a 201's new resource or
-# a 202's job to poll (Location), the answer's own URL (Content-Location, which caches and clients read).
-_URL_HEADERS = ("location", "content-location")
+# Answer headers holding URLs the buyer's client may call with its key: a redirect's target, a 201's new resource or
+# a 202's job to poll (Location), the answer's own URL (Content-Location, which caches and clients read), the next page
+# a paginating client follows (Link, RFC 8288: `<url>; rel="next"`).
+_URL_HEADERS = ("location", "content-location", "link")
+_LINK_TARGET = re.compile(r"<([^>]*)>")
 
 
-def _confine_location(headers: dict, name: str, request, terms: selectors.CallTerms, upstream_path: str) -> None:
-    """The URL in `headers[name]` (a `Location` or `Content-Location`) as the buyer's client may follow it. The
-    seller writes it for the URL the proxy called, and the buyer's client resolves it against the marketplace's URL
-    it called, keeping its Authorization on that host: passed on as written, `/usage-agreements` (or `../../..`, or
-    the marketplace's own host) sent the buyer's key, and with a 307 or 308 its body, to another endpoint of the
-    marketplace at the seller's order. So it is resolved against the URL called: under the service's base path it
-    becomes this agreement's proxy path (a call the buyer's client makes, and is charged for, as any); elsewhere on
-    the seller's host (whose address the buyer is not shown), on the marketplace's host, or read otherwise by other
-    URL parsers (a dot segment encoded or behind a backslash, a host that is not a plain name or address), or
-    unreadable, it is dropped; on another host it is that URL."""
+def _confine_urls(headers: dict, name: str, request, terms: selectors.CallTerms, upstream_path: str) -> None:
+    """`headers[name]`'s URLs as `_confined_url` passes them on; a Link with any URL dropped is dropped whole."""
+    value = headers.pop(name)
+    if name.lower() != "link":
+        confined = _confined_url(value, request, terms, upstream_path)
+    else:
+        parts = _LINK_TARGET.split(value)  # every second part a link's target
+        for index in range(1, len(parts), 2):
+            target = _confined_url(parts[index], request, terms, upstream_path)
+            if target is None:
+                return
+            parts[index] = f"<{target}>"
+        confined = "".join(parts)
+    if confined is not None:
+        headers[name] = confined
+
+
+def _confined_url(url: str, request, terms: selectors.CallTerms, upstream_path: str) -> str | None:
+    """A URL of the seller's answer (a `Location`, `Content-Location`, `Link` target) as the buyer's client may follow
+    it, or None. The seller writes it for the URL the proxy called, and the buyer's client resolves it against the
+    marketplace's URL it called, keeping its Authorization on that host: passed on as written, `/usage-agreements`
+    (or `../../..`, or the marketplace's own host) sent the buyer's key, and with a 307 or 308 its body, to another
+    endpoint of the marketplace at the seller's order. So it is resolved against the URL called: under the service's
+    base path it becomes this agreement's proxy path (a call the buyer's client makes, and is charged for, as any);
+    elsewhere on the seller's host (whose address the buyer is not shown), on the marketplace's host, or read
+    otherwise by other URL parsers (a dot segment encoded or behind a backslash, a host that is not a plain name or
+    address), or unreadable, it is None; on another host it is that URL."""
     base = urlsplit(terms.upstream_base_url)
     try:
-        target = urlsplit(urljoin(terms.upstream_base_url + upstream_path, headers.pop(name)))
+        target = urlsplit(urljoin(terms.upstream_base_url + upstream_path, url))
         upstream_origin, target_origin = _origin(base), _origin(target)
         marketplace_host = urlsplit(f"//{request.get_host()}").hostname
     except (ValueError, DisallowedHost):  # a port that is no number, a host the marketplace does not serve
-        return
+        return None
     if target_origin == upstream_origin:
         base_path = base.path.rstrip("/")
         if target.path == base_path or target.path.startswith(f"{base_path}/"):
@@ -569,12 +588,14 @@ def _confine_location(headers: dict, name: str, request, terms: selectors.CallTe
                        for segment in rest.replace("\\", "/").split("/")):
                 marker = f"/metered-proxy/{terms.pk}/"
                 proxied = request.path[:request.path.index(marker) + len(marker)] + rest
-                headers[name] = urlunsplit(("", "", proxied, target.query, target.fragment))
+                return urlunsplit(("", "", proxied, target.query, target.fragment))
+        return None
     # Another host's, when every URL parser reads that host: a plain name or address (a WHATWG parser ends the host at
     # a `\`, where Python reads on to an `@` or a `/`), in ASCII (clients map a Unicode name to others by their IDNA).
-    elif target.scheme in ("http", "https") and _PLAIN_AUTHORITY.fullmatch(target.netloc) \
+    if target.scheme in ("http", "https") and _PLAIN_AUTHORITY.fullmatch(target.netloc) \
             and target.hostname.rstrip(".") != marketplace_host:
-        headers[name] = urlunsplit(target)
+        return urlunsplit(target)
+    return None
 
 
 def _upstream_answer(request, caller: KeyHolder, terms: selectors.CallTerms, reservation: metering.Reservation,

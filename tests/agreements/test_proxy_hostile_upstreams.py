@@ -701,3 +701,30 @@ def test_a_sellers_redirect_is_not_charged_so_a_redirect_loop_costs_the_buyer_no
     assert (cached.status_code, cached["X-Usage-Cost"]) == (304, str(PRICE))
     assert _books(active) == (PRICE, 0) and UsageEvent.objects.count() == 1
     assert not ProxyReplay.objects.exists()  # a nonce's call not charged stores nothing
+
+
+_LINKS = {  # the call's path: the upstream's Link header on its 200 (its base path is /api)
+    b"/api/page": b'</api/items?page=2>; rel="next", <https://other.example/docs>; rel="help"',
+    b"/api/hostile": b'</api/items?page=2>; rel="prev", </usage-agreements?page=2>; rel="next"',
+    b"/api/own-host": b'<http://TestServer/usage-agreements>; rel="next"',
+}
+
+
+def test_a_link_headers_urls_never_send_the_buyers_paginating_client_to_the_marketplaces_own_endpoints(
+        escrow_chain, django_capture_on_commit_callbacks):
+    """A `Link: <...>; rel="next"` is what paginating clients follow with their key (RFC 8288; GitHub-style APIs,
+    requests' `response.links`), resolved against the marketplace's URL they called: passed on as written, a seller's
+    `</usage-agreements?page=2>; rel="next"` sent the buyer's client to the marketplace's own endpoints. Its URLs are
+    confined as a `Location` is, and a Link with any URL that would be dropped is dropped whole."""
+
+    def answer(path: bytes) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nLink: %s\r\nContent-Length: 2\r\n\r\n{}" % _LINKS[path]
+
+    with _answering_each(answer, []) as url:
+        active = active_agreement(escrow_chain, django_capture_on_commit_callbacks, url)
+        given = {path: _call(active, "get", f"{active.proxy}/{path.decode().removeprefix('/api/')}").get("Link")
+                 for path in _LINKS}
+    assert given == {
+        b"/api/page": f'<{active.proxy}/items?page=2>; rel="next", <https://other.example/docs>; rel="help"',
+        b"/api/hostile": None, b"/api/own-host": None}
+    assert _books(active) == (3 * PRICE, 0)
