@@ -15,12 +15,12 @@ the body is
 read up to PROXY_MAX_REQUEST_BYTES (413 beyond), chunked or not, and forwarded with its length; the path and query
 string as forwarded are at most PROXY_MAX_URL_BYTES (414 `upstream_url_too_long` beyond); integer headers
 are ASCII digits; headers named in `Connection:` are dropped both ways; the buyer's forwarding headers, and those
-that servers read as the request's path or host (`X-Original-URL`), are replaced by the platform's own
-`X-Forwarded-For`; the upstream's `Set-Cookie` never reaches the buyer (the buyer
-talks to the marketplace, not to the seller's site, and a seller's cookie would be set on the marketplace's host), nor
-do the orders a web server in front acts on (`X-Accel-*`, `X-Sendfile`). Redirects are never followed, and an answer's
-`Location`, `Content-Location` or `Link` target (a 3xx's, a 201's, any) reaches the buyer only under this agreement's proxy path or
-on another host than the marketplace's.
+that servers read as the request's path, host or method (`X-Original-URL`, `X-HTTP-Method-Override`), are replaced
+by the platform's own `X-Forwarded-For`; an `Expect` is met here, not forwarded; the upstream's `Set-Cookie` never
+reaches the buyer (the buyer talks to the marketplace, not to the seller's site, and a seller's cookie would be set on
+the marketplace's host), nor do the orders a web server in front acts on (`X-Accel-*`, `X-Sendfile`). Redirects are
+never followed, and not charged (a 304 but); an answer's `Location`, `Content-Location` or `Link` target (a 3xx's, a
+201's, any) reaches the buyer only under this agreement's proxy path or on another host than the marketplace's.
 The upstream's answer head is read up to PROXY_MAX_ANSWER_HEAD_BYTES (502 `upstream_answer_head_too_large` beyond)
 and its body framed as RFC 9112 says, or it is no answer (502 `upstream_unavailable`); neither is charged.
 """
@@ -62,17 +62,20 @@ logger = logging.getLogger(__name__)
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                "trailers", "transfer-encoding", "upgrade", "host"}
 # Who the client is, as the buyer claims it: replaced by what the platform saw. With them the headers servers and
-# frameworks read as the request's path, host or scheme in place of its request line and Host (IIS and older Symfony,
-# Zend and Laminas: X-Original-URL, X-Rewrite-URL; Spring: X-Forwarded-Prefix; Traefik: X-Forwarded-Uri): a buyer's
-# called another path than the one the proxy confined under the base path and signed.
+# frameworks read as the request's path, host, scheme or method in place of its request line and Host (IIS and older
+# Symfony, Zend and Laminas: X-Original-URL, X-Rewrite-URL; Spring: X-Forwarded-Prefix; Traefik: X-Forwarded-Uri): a
+# buyer's called another path (or method) than the one the proxy confined under the base path and signed.
 _FORWARDING = {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-port", "x-forwarded-proto",
                "x-real-ip", "x-original-url", "x-rewrite-url", "x-original-uri", "x-forwarded-uri", "x-forwarded-path",
                "x-forwarded-prefix", "x-envoy-original-path", "x-forwarded-server", "x-host", "x-original-host",
-               "x-forwarded-scheme", "x-forwarded-ssl", "x-url-scheme", "front-end-https"}
-# Never forwarded upstream: the buyer's credentials, our own control headers, and the body's length (the body is
-# forwarded as bytes: httpx sets it).
+               "x-forwarded-scheme", "x-forwarded-ssl", "x-url-scheme", "front-end-https",
+               # and those read as its method (Express's, Rails', Symfony's, ASP.NET's, OData's method overrides)
+               "x-http-method-override", "x-http-method", "x-method-override"}
+# Never forwarded upstream: the buyer's credentials, our own control headers, the body's length (the body is
+# forwarded as bytes: httpx sets it), and an `Expect: 100-continue`, met on the buyer's hop (the body is read whole
+# before the seller is called, and sent with the head; a server refusing expectations answered 417, charged).
 _REQUEST_DROPPED = _HOP_BY_HOP | _FORWARDING | {"authorization", "token", "cookie", "x-request-nonce", "x-max-units",
-                                                "idempotency-key", "content-length"}
+                                                "idempotency-key", "content-length", "expect"}
 # Orders a web server in front (README, Operations) takes from the application's answer and acts on, never passing
 # them on: nginx's X-Accel-* (an internal redirect to any of its locations, `internal` ones too, with the buyer's
 # request and credentials; a rate; buffering; a cache time), Apache's and lighttpd's files of its disk. A seller's

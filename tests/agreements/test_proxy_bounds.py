@@ -186,6 +186,33 @@ def test_a_buyers_headers_overriding_the_request_line_or_host_never_reach_the_se
     [forwarded] = http_server.requests
     assert {name.lower() for name in forwarded.headers} & {name.lower() for name in REQUEST_LINE_OVERRIDES} == set()
 
+# Headers that servers and frameworks read as the request's method in place of its request line (Express's and Rails'
+# method-override, Symfony's and ASP.NET's X-HTTP-Method-Override, OData's X-HTTP-Method).
+METHOD_OVERRIDES = {"X-HTTP-Method-Override": "DELETE", "X-HTTP-Method": "DELETE", "X-Method-Override": "DELETE"}
+
+
+def test_a_buyers_method_override_never_reaches_the_seller(active, http_server):
+    """The proxy signs the call's method and its usage event records it; a buyer's `X-HTTP-Method-Override: DELETE`
+    on a POST reached the seller, and a server that reads it ran a DELETE signed, recorded and charged as a POST (or
+    a method the proxy does not forward: TRACE, CONNECT)."""
+    response = raw(active, "post", f"{active.proxy}/items/7", data=b"{}", content_type="application/json", **{
+        "HTTP_" + name.upper().replace("-", "_"): value for name, value in METHOD_OVERRIDES.items()})
+    assert response.status_code == 200
+    [forwarded] = http_server.requests
+    assert {name.lower() for name in forwarded.headers} & {name.lower() for name in METHOD_OVERRIDES} == set()
+
+
+def test_a_buyers_expectation_is_met_by_the_proxy_not_passed_to_the_seller(active, http_server):
+    """The proxy reads the buyer's body whole before it calls the seller, and sends it with the request's head: an
+    `Expect: 100-continue` (curl sends one with a larger body) is met on the buyer's hop. Passed on, a seller's
+    server that refuses expectations (417 Expectation Failed, as lighttpd did) failed the call, charged as a 4xx."""
+    response = raw(active, "post", f"{active.proxy}/upload", data=b"x" * 2048, content_type="application/octet-stream",
+                   HTTP_EXPECT="100-continue")
+    assert response.status_code == 200
+    [forwarded] = http_server.requests
+    assert "expect" not in {name.lower() for name in forwarded.headers} and forwarded.body == b"x" * 2048
+
+
 # What a web server in front (nginx, Apache, lighttpd: README, Operations) takes from the application's answer as an
 # order: an internal redirect to any of its locations (`internal` ones too) with the buyer's request and credentials,
 # a file of its disk, a crawl of a rate, buffering off, a cache time.
