@@ -118,6 +118,24 @@ def test_a_path_through_the_server_reaches_the_seller_as_its_bytes(stack, partie
     assert_books_balance(agreement["id"])
 
 
+def test_a_path_decoded_by_the_server_still_stays_under_the_base_path(stack, parties, upstream):
+    """granian decodes `%2F`, `%3B` and `%5C` before the application sees the path (tests/marketplace/test_serve.py):
+    a `..` written with them is a `..` segment to the proxy, and refused as one, before anything is reserved or
+    signed; what is forwarded is the path as decoded, its bytes escaped again (a NUL as `%00`)."""
+    refused = ["a%2F..%2F..%2Fadmin", "..%3B/admin", "a%3B/..%3B/..%3B/admin", "%5C..%5C..%5Cadmin",
+               "a/%252e%252e%252F%252e%252e%252Fadmin"]
+    sent = {"a%3Bb": "/a;b", "a%00b": "/a%00b", "%2F%2Fevil.example/x": "/evil.example/x", "a%5Cb": "/a/b"}
+    with stack.api(parties.buyer_api.secret) as api:
+        agreement = active_agreement(stack, api, parties)
+        answers = {path: api.get(f"/metered-proxy/{agreement['id']}/{path}") for path in [*refused, *sent]}
+    assert {path: (answers[path].status_code, answers[path].json()["error"]["code"]) for path in refused} == dict.fromkeys(
+        refused, (400, "invalid_upstream_path"))
+    assert [answers[path].status_code for path in sent] == [200] * len(sent)
+    assert upstream.targets == list(sent.values())
+    assert UsageAgreement.objects.get(pk=agreement["id"]).used == len(sent) * parties.service.unit_price
+    assert_books_balance(agreement["id"])
+
+
 def test_deep_json_answers_from_a_masumi_service_and_a_skill(stack, escrow_chain, upstream):
     seller = AgentFactory(is_buyer=False, is_seller=True, wallet_address=escrow_chain.accounts.seller.address)
     masumi = register_service(seller, name="Deep Masumi", upstream_protocol="masumi", upstream_base_url=upstream.url)
