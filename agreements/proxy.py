@@ -18,7 +18,8 @@ are ASCII digits; headers named in `Connection:` are dropped both ways; the buye
 that servers read as the request's path, host or method (`X-Original-URL`, `X-HTTP-Method-Override`), are replaced
 by the platform's own `X-Forwarded-For`; an `Expect` is met here, not forwarded; the upstream's `Set-Cookie` never
 reaches the buyer (the buyer talks to the marketplace, not to the seller's site, and a seller's cookie would be set on
-the marketplace's host), nor do the orders a web server in front acts on (`X-Accel-*`, `X-Sendfile`). Redirects are
+the marketplace's host), nor do the seller's other policies for the marketplace's origin (HSTS, Alt-Svc, NEL), nor
+the orders a web server in front acts on (`X-Accel-*`, `X-Sendfile`). Redirects are
 never followed, and not charged (a 304 but); an answer's `Location`, `Content-Location` or `Link` target (a 3xx's, a
 201's, any) reaches the buyer only under this agreement's proxy path or on another host than the marketplace's.
 The upstream's answer head is read up to PROXY_MAX_ANSWER_HEAD_BYTES (502 `upstream_answer_head_too_large` beyond)
@@ -81,7 +82,12 @@ _REQUEST_DROPPED = _HOP_BY_HOP | _FORWARDING | {"authorization", "token", "cooki
 # request and credentials; a rate; buffering; a cache time), Apache's and lighttpd's files of its disk. A seller's
 # copy of one is the seller ordering the platform's web server.
 _FRONT_SERVER_ORDERS = {"x-sendfile", "x-sendfile2", "x-lighttpd-send-file"}
-_RESPONSE_DROPPED = _HOP_BY_HOP | {"set-cookie"}
+# What a browser keeps for the whole origin that answered, the marketplace's, not for the one answer: as a seller's
+# cookie, a seller's HSTS (`max-age=0`: cleared), Alt-Svc (the origin's connections to another host), NEL and
+# Report-To (every request's URL reported to the seller), Clear-Site-Data (an operator's session cleared).
+_ORIGIN_POLICIES = {"set-cookie", "strict-transport-security", "alt-svc", "clear-site-data", "nel", "report-to",
+                    "public-key-pins", "public-key-pins-report-only", "expect-ct"}
+_RESPONSE_DROPPED = _HOP_BY_HOP | _ORIGIN_POLICIES
 
 
 def _front_server_order(lowercase_name: str) -> bool:

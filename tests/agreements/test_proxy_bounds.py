@@ -239,6 +239,30 @@ def test_a_sellers_answer_gives_no_order_to_the_web_server_in_front(active, http
         assert [name for name in FRONT_SERVER_ORDERS if again.has_header(name)] == []
 
 
+# What a browser keeps for the whole origin that answered (the marketplace's, every proxied answer's), not for the one
+# answer: as the seller's Set-Cookie, the seller's say over the marketplace's host.
+ORIGIN_POLICIES = {"Strict-Transport-Security": "max-age=0",  # the marketplace's HSTS cleared: HTTPS stripped after
+                   "Alt-Svc": 'h2="seller.example:443"; ma=2592000',  # the origin's connections sent to the seller's host
+                   "Clear-Site-Data": '"cookies", "storage"',  # the operator's admin session cleared
+                   "NEL": '{"report_to": "s", "max_age": 2592000, "success_fraction": 1.0}',  # every request's URL...
+                   "Report-To": '{"group": "s", "max_age": 2592000, "endpoints": [{"url": "https://seller.example/r"}]}',
+                   "Public-Key-Pins": 'pin-sha256="AAAA"; max-age=2592000', "Expect-CT": "max-age=2592000, enforce"}
+
+
+@pytest.mark.parametrize("nonce", ["", "origin-policies-1"])
+def test_a_sellers_answer_sets_no_policy_of_the_marketplaces_origin(active, http_server, nonce):
+    """A browser (an owner's page calling the proxy) keeps these for the whole origin that answered, the
+    marketplace's: `Strict-Transport-Security: max-age=0` cleared its HSTS, `Alt-Svc` sent its connections to the
+    seller's host, `NEL` with `Report-To` had every request's URL reported to the seller for a month,
+    `Clear-Site-Data` logged an operator out. They are dropped, as `Set-Cookie` is."""
+    http_server.responses.append((200, {}, 0, {**ORIGIN_POLICIES, "X-Kept": "1"}))
+    extra = {"HTTP_X_REQUEST_NONCE": nonce} if nonce else {}
+    response = raw(active, "get", f"{active.proxy}/x", **extra)
+    assert (response.status_code, response["X-Kept"]) == (200, "1")
+    assert [name for name in ORIGIN_POLICIES if response.has_header(name)] == []
+    assert books(active) == (PRICE, 0)
+
+
 def test_the_host_header_names_the_upstreams_host_not_the_credentials_in_its_url(escrow_chain, http_server,
                                                                                 django_capture_on_commit_callbacks):
     # RFC 9110 4.2.4: no userinfo in a field value. The Host was the URL's netloc, credentials and all. (A URL saved
