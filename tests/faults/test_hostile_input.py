@@ -4,6 +4,7 @@ process that runs it. No process may die of input, no served call may go uncharg
 may stay reserved, no message may loop."""
 
 import contextlib
+import socket
 import threading
 from pathlib import Path
 
@@ -133,6 +134,45 @@ def test_a_path_decoded_by_the_server_still_stays_under_the_base_path(stack, par
     assert [answers[path].status_code for path in sent] == [200] * len(sent)
     assert upstream.targets == list(sent.values())
     assert UsageAgreement.objects.get(pk=agreement["id"]).used == len(sent) * parties.service.unit_price
+    assert_books_balance(agreement["id"])
+
+
+def _raw_exchange(url: str, request: bytes) -> bytes:
+    """What the server answers `request`, sent as these bytes on a connection of its own, until it closes it."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(request)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := connection.recv(65536):
+                answer += chunk
+    return answer
+
+
+def test_a_buyers_request_framed_two_ways_reaches_the_seller_framed_once(stack, parties, upstream):
+    """Request smuggling toward the seller: the buyer's own framing (Content-Length, Transfer-Encoding) never
+    reaches it, the body is forwarded with its length as the web server delimited it (chunked coding over a
+    Content-Length beside it, RFC 9112 6.1: what follows the last chunk is no part of the body, and never reaches the
+    seller), and what the server refuses (two lengths that differ, an obs-fold, a bare CR) reaches nobody and is
+    charged nothing."""
+    with stack.api(parties.buyer_api.secret) as api:
+        agreement = active_agreement(stack, api, parties)
+    head = (f"POST /metered-proxy/{agreement['id']}/work HTTP/1.1\r\nHost: {stack.url.removeprefix('http://')}\r\n"
+            f"Authorization: Bearer {parties.buyer_api.secret}\r\nConnection: close\r\n").encode()
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: seller\r\n\r\n"
+    refused = {
+        "two lengths": head + b"Content-Length: 2\r\nContent-Length: 40\r\n\r\n{}" + smuggled,
+        "obs-fold": head + b"X-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\n{}",
+        "bare CR": head + b"X-Cr: a\rb\r\nContent-Length: 2\r\n\r\n{}",
+    }
+    statuses = {name: _raw_exchange(stack.url, request).split(b" ", 2)[1] for name, request in refused.items()}
+    chunked = [_raw_exchange(stack.url, head + framing) for framing in (
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"Content-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n" + smuggled)]
+    assert statuses == dict.fromkeys(refused, b"400")
+    assert [answer.split(b" ", 2)[1] for answer in chunked] == [b"200", b"200"]
+    assert upstream.bodies == [b"{}", b"{}"] and upstream.targets == ["/work", "/work"]
+    assert UsageAgreement.objects.get(pk=agreement["id"]).used == 2 * parties.service.unit_price
     assert_books_balance(agreement["id"])
 
 
