@@ -213,6 +213,18 @@ def test_a_buyers_expectation_is_met_by_the_proxy_not_passed_to_the_seller(activ
     assert "expect" not in {name.lower() for name in forwarded.headers} and forwarded.body == b"x" * 2048
 
 
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "TRACE", "CONNECT", "PROPFIND"])
+def test_a_method_the_proxy_does_not_forward_is_405_and_charges_nothing(active, http_server, method):
+    """TRACE echoes the request (its headers, the platform's signature among them) back; CONNECT asks the seller's
+    server for a tunnel; a HEAD's answer has no body whatever its length says. Only GET, POST, PUT, PATCH and DELETE
+    are forwarded."""
+    response = active.buyer_api.client.generic(method, f"{active.proxy}/x",
+                                               HTTP_AUTHORIZATION=f"Bearer {active.buyer_api.secret}")
+    assert response.status_code == 405
+    assert method == "HEAD" or error_code(response) == "method_not_allowed"  # a HEAD's answer has no body
+    assert http_server.requests == [] and books(active) == (0, 0) and not CallIntent.objects.exists()
+
+
 # What a web server in front (nginx, Apache, lighttpd: README, Operations) takes from the application's answer as an
 # order: an internal redirect to any of its locations (`internal` ones too) with the buyer's request and credentials,
 # a file of its disk, a crawl of a rate, buffering off, a cache time.
