@@ -197,7 +197,9 @@ def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, 
     pinned signer and any retired one it pins, `NetworkConfig.receipt_signers`; else TypeError): the escrow is read
     through an RPC, which could name a key of its own, or built from what the marketplace says
     (`ReceiptSignerMismatch`). An event's `receipt_signer` (the address the marketplace says signed it) only tells a
-    tampered receipt from one signed by another key; it is never trusted."""
+    tampered receipt from one signed by another key; it is never trusted. An escrow in state "none" (never activated,
+    as read) holds nothing, whatever deposit and signer its record names: a charge is above it, and a receipt is
+    refused unless its signer is pinned."""
     if isinstance(price_per_unit, bool) or not isinstance(price_per_unit, int):
         raise TypeError(f"price_per_unit must be an int (token base units), not {price_per_unit!r:.40}")
     if isinstance(pinned_receipt_signers, str):  # one address, not its characters
@@ -206,9 +208,14 @@ def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, 
     if not pinned:
         raise TypeError("pinned_receipt_signers must name the pinned receipt signer (NetworkConfig.receipt_signers): "
                         "without it, receipts signed by any key the escrow record names would verify")
-    if escrow.state != "none" and escrow.receipt_signer.lower() not in pinned:
-        raise ReceiptSignerMismatch(f"the escrow's receipt signer {escrow.receipt_signer}, as the RPC reads it, is "
-                                    f"not a pinned one ({', '.join(sorted(pinned))})")
+    unpinned_signer = ReceiptSignerMismatch(f"the escrow's receipt signer {escrow.receipt_signer}, as the RPC reads "
+                                            f"it, is not a pinned one ({', '.join(sorted(pinned))})")
+    signer_pinned = escrow.receipt_signer.lower() in pinned
+    if escrow.state != "none" and not signer_pinned:
+        raise unpinned_signer
+    # No escrow on-chain holds nothing, whatever else the node says of it (a record in state "none" naming a deposit
+    # and a receipt signer of its own): any charge listed is above it, and any receipt is refused below.
+    deposit = escrow.deposit_amount if escrow.state != "none" else 0
     digest, cumulative, expected_seq, count = ZERO_DIGEST, 0, 1, 0
     last_signed, last_signed_amount, last_signed_digest = 0, 0, ZERO_DIGEST
     for event in events:
@@ -220,8 +227,8 @@ def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, 
         cumulative += cost
         if listed_cumulative != cumulative:
             raise UsageSumMismatch(f"event {seq}: cumulative {event['cumulative_atomic']} != {cumulative}")
-        if cumulative > escrow.deposit_amount:
-            raise UsageAboveDeposit(f"event {seq}: {cumulative} charged, the escrow holds {escrow.deposit_amount}")
+        if cumulative > deposit:
+            raise UsageAboveDeposit(f"event {seq}: {cumulative} charged, the escrow holds {deposit}")
         digest = next_usage_digest(digest, usage_event_hash(agreement_id=agreement_id, seq=seq, units=units,
                                                             cost=cost, cumulative_amount=cumulative,
                                                             request_id=event["request_id"]))
@@ -242,6 +249,8 @@ def verify_usage(events: Iterable[Mapping[str, Any]], *, escrow: OnchainEscrow, 
                     raise ReceiptTampered(f"event {seq}: the receipt does not match the event as listed")
                 raise ReceiptSignerMismatch(f"event {seq}: receipt signed by {signer}, not by the escrow's "
                                             f"on-chain receipt signer {escrow.receipt_signer}")
+            if not signer_pinned:  # the escrow's signer, as a record in state "none" names it
+                raise unpinned_signer
             last_signed, last_signed_amount, last_signed_digest = seq, cumulative, digest
         expected_seq += 1
         count += 1

@@ -1,5 +1,10 @@
 """The SDK's version: its distribution's (sdk/pyproject.toml reads it from here) and its User-Agent's."""
 
+# 0.4.21: verify_usage (MarketplaceClient's and sdk.receipts') holds an escrow read in state "none" to nothing: its
+# charges above a deposit of 0 (UsageAboveDeposit) and a receipt recovering to its receipt signer refused unless that
+# signer is pinned (ReceiptSignerMismatch): a hostile node's record of an Activated event naming its own signer and a
+# larger deposit, with getEscrow answering state 0, was exempt from the pinned signer and the deposit checks, and a
+# listing signed with its key verified;
 # 0.4.20: get_agreement, get_purchase and get_invocation (and wait_until, escrow_status, wait_for_purchase,
 # wait_for_invocation, request_refund, invoke_skill through them) raise sdk.AnswerMismatch (an UnexpectedAnswer,
 # with field, expected, received) on an answer naming another agreement, purchase (blockchainIdentifier, compared as
@@ -164,4 +169,4 @@
 # naming a next one refused, a Masumi job keeps the buyer's timers, verify_usage reads from the pinned deployment on;
 # 0.4.1: the deadline covers resolving the host name; 0.4: every request bounded in time and size (deadline,
 # max_answer_bytes); 0.3: ChainReader.escrow takes the buyer
-VERSION = "0.4.20"
+VERSION = "0.4.21"

@@ -508,6 +508,64 @@ def test_the_deposit_the_node_reports_is_held_to_the_agreed_terms(monkeypatch):
             buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"])
 
 
+def node_reading_an_activated_escrow_as_never_activated(*, buyer: str, onchain_id: str, signer: str,
+                                                          deposit: int) -> type[BaseHTTPRequestHandler]:
+    """A hostile JSON-RPC node: the escrow's Activated event names `signer` as its receipt signer and `deposit`, and
+    its getEscrow answers state 0 ("none"), as no escrow the contract holds could."""
+    activated = {"address": NETWORK.escrow_address, "blockNumber": "0x5", "topics": [
+        "0x" + keccak(text="Activated(bytes32,address,address,address,uint256,uint256,address,bytes32,uint64,uint64,"
+                           "uint64,uint256)").hex(),
+        onchain_id, "0x" + buyer[2:].lower().rjust(64, "0"), "0x" + SELLER[2:].lower().rjust(64, "0")],
+        "data": "0x" + encode(["address", "uint256", "uint256", "address", "bytes32", "uint64", "uint64", "uint64",
+                               "uint256"], [NETWORK.token_address, deposit, 0, signer, b"\x00" * 32, 0, 0, 3600,
+                                            0]).hex()}
+    answers = {"eth_chainId": hex(NETWORK.chain_id), "eth_blockNumber": "0x10", "eth_getLogs": [activated],
+               "eth_call": "0x" + encode(["(uint8,uint64,uint256,uint256,uint256,uint256)"],
+                                         [(0, 0, 0, 0, 0, 0)]).hex()}
+
+    class Node(JsonRpcNode):
+        def do_POST(self) -> None:
+            call = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.answer_json(json.dumps({"jsonrpc": "2.0", "id": call["id"],
+                                         "result": answers[call["method"]]}).encode())
+
+    return Node
+
+
+def test_receipts_of_an_escrow_the_node_reads_as_never_activated_are_held_to_the_pinned_signer():
+    """An escrow the node read as "none" was exempt from every on-chain check of `verify_usage`: a hostile node whose
+    escrow record (an Activated event naming its own receipt signer and a deposit a hundred times the agreed one)
+    answered getEscrow's state 0 had a listing signed with that key, charging past the agreed deposit, verify. No
+    escrow on-chain holds nothing and signs nothing: its charges are above it (`UsageAboveDeposit`), and any
+    receipt must still be a pinned signer's (`ReceiptSignerMismatch`)."""
+    from sdk import receipts
+    from tests.sdk.test_receipts import _signed_listing
+
+    attacker = Account.from_key(b"\x07" * 32)
+    agreement = honest_agreement()  # 10 calls at the listed price
+    buyer_wallet = agreement["buyer_wallet_address"]
+    node = node_reading_an_activated_escrow_as_never_activated(
+        buyer=buyer_wallet, onchain_id=agreement["onchain_id"], signer=attacker.address,
+        deposit=100 * 10 * LISTED_PRICE)
+    listings = {"charged": _signed_listing(key=attacker, chain_id=NETWORK.chain_id,
+                                           escrow_address=NETWORK.escrow_address, agreement_id=agreement["onchain_id"],
+                                           batches=[[1] * 11], price=LISTED_PRICE),
+                "free": _signed_listing(key=attacker, chain_id=NETWORK.chain_id,
+                                        escrow_address=NETWORK.escrow_address, agreement_id=agreement["onchain_id"],
+                                        batches=[[0] * 3], price=LISTED_PRICE)}
+    listed = {"results": listings["charged"]}
+    marketplace = httpx.MockTransport(lambda request: httpx.Response(200, json={**listed, "next_cursor": None}))
+    with serving(node) as rpc_url, MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                                                     rpc_url=rpc_url, transport=marketplace) as buyer:
+        with pytest.raises(receipts.UsageAboveDeposit):
+            buyer.verify_usage(agreement, buyer_wallet_address=buyer_wallet)
+        listed["results"] = listings["free"]
+        with pytest.raises(receipts.ReceiptSignerMismatch, match="pinned"):
+            buyer.verify_usage(agreement, buyer_wallet_address=buyer_wallet)
+        listed["results"] = []  # nothing listed on no escrow: nothing to refuse
+        assert buyer.verify_usage(agreement, buyer_wallet_address=buyer_wallet).events == 0
+
+
 def another_chain(self: ChainReader) -> int:
     return 1  # Ethereum mainnet's, not the pinned Base Sepolia's
 

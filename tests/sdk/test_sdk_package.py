@@ -46,7 +46,7 @@ def test_the_sdk_installs_and_imports_without_django(tmp_path):
             f"assert sdk.__file__.startswith({str(target)!r}), sdk.__file__\n"
             "from sdk import MarketplaceClient, NetworkConfig, BASE_SEPOLIA\n"
             "from importlib.metadata import version\n"
-            "assert version('agent-escrow-marketplace-sdk') == sdk.__version__ == '0.4.20', version('agent-escrow-marketplace-sdk')\n"
+            "assert version('agent-escrow-marketplace-sdk') == sdk.__version__ == '0.4.21', version('agent-escrow-marketplace-sdk')\n"
             "assert BASE_SEPOLIA.token_domain.name == 'USDC'\n")
     environment = {k: v for k, v in os.environ.items() if k not in ("DJANGO_SETTINGS_MODULE", "PYTHONPATH")}
     environment["PYTHONPATH"] = str(target)
