@@ -129,11 +129,17 @@ def require_https(url: str | httpx.URL, *, what: str, allow_insecure_http: bool)
 
 def _is_loopback(host: str) -> bool:
     """Whether `host` names this machine's loopback only: localhost and its subdomains, fully qualified too (a
-    trailing dot; RFC 6761: resolved to loopback only), a loopback address, an IPv4-mapped one included
-    (`::ffff:127.0.0.1`, as a dual-stack server names itself)."""
+    trailing dot; RFC 6761: resolved to loopback only, which `_DeadlineBackend` holds the resolver to), a loopback
+    address, an IPv4-mapped one included (`::ffff:127.0.0.1`, as a dual-stack server names itself)."""
+    return _is_localhost_name(host) or _is_loopback_address(host)
+
+
+def _is_localhost_name(host: str) -> bool:
     name = host.lower().removesuffix(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
+    return name == "localhost" or name.endswith(".localhost")
+
+
+def _is_loopback_address(host: str) -> bool:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -210,6 +216,12 @@ class _DeadlineBackend(httpcore.NetworkBackend):
             raise httpcore.ConnectTimeout(str(error)) from error
         except (OSError, UnicodeError) as error:
             raise httpcore.ConnectError(str(error)) from error
+        if _is_localhost_name(host):
+            # This machine's by RFC 6761, so sent plain http; but the system resolver may ask DNS for it (glibc's
+            # "files dns"), whose answer is anyone's: a localhost name is connected to at loopback addresses only.
+            addresses = [address for address in addresses if _is_loopback_address(address)]
+            if not addresses:
+                raise httpcore.ConnectError(f"{host} resolves to no loopback address: not connected to")
         failure: httpcore.ConnectError | None = None
         for address in addresses:  # as socket.create_connection tries them, but within the time left
             left = None if ends_at is None else ends_at - time.monotonic()

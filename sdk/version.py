@@ -4,7 +4,9 @@
 # charges above a deposit of 0 (UsageAboveDeposit) and a receipt recovering to its receipt signer refused unless that
 # signer is pinned (ReceiptSignerMismatch): a hostile node's record of an Activated event naming its own signer and a
 # larger deposit, with getEscrow answering state 0, was exempt from the pinned signer and the deposit checks, and a
-# listing signed with its key verified;
+# listing signed with its key verified; a localhost name (`*.localhost`, `localhost.`, sent plain http as this
+# machine's) is connected to at the loopback addresses it resolves to only (none: httpx.ConnectError): the system
+# resolver may ask DNS for it, and a hostile answer had the API key sent to another machine in clear;
 # 0.4.20: get_agreement, get_purchase and get_invocation (and wait_until, escrow_status, wait_for_purchase,
 # wait_for_invocation, request_refund, invoke_skill through them) raise sdk.AnswerMismatch (an UnexpectedAnswer,
 # with field, expected, received) on an answer naming another agreement, purchase (blockchainIdentifier, compared as

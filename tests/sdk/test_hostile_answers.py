@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 from eth_account import Account
@@ -336,6 +337,7 @@ def test_an_agent_process_survives_json_nested_100000_deep():
     script = """
 import sys
 limit = sys.getrecursionlimit()
+import httpcore
 import httpx
 from sdk import InvalidJSON, MarketplaceClient
 body = b"[" * 100_000 + b"]" * 100_000
@@ -930,3 +932,33 @@ def test_a_redirect_to_another_host_is_not_followed(status):
 
 
 KEY_FOR_SKILLS = Account.create().key.hex()
+
+
+@pytest.mark.parametrize("url", ["http://marketplace.localhost:8000", "http://localhost.:8000",
+                                 "https://marketplace.localhost"])
+def test_a_localhost_name_a_resolver_answers_with_another_machine_is_not_connected_to(monkeypatch, url):
+    """Plain http is sent to this machine only, and `*.localhost` passes as this machine's (RFC 6761), but the system
+    resolver (glibc's "files dns") asks DNS for such a name: a hostile DNS answer (the network attacker plain http is
+    refused for) naming its own host had the SDK send the API key there in clear. A localhost name is connected to
+    at loopback addresses only; none: `httpx.ConnectError`, nothing sent."""
+    system_getaddrinfo = socket.getaddrinfo
+
+    def hostile_dns(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(host).lower().rstrip(".").endswith("localhost"):  # as DNS answers it: another machine, and loopback
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("203.0.113.7", port)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))][:1 if "marketplace" in
+                                                                                         str(host) else 2]
+        return system_getaddrinfo(host, port, *args, **kwargs)
+
+    connected_to: list[str] = []
+
+    def refusing_connect(self: Any, host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        connected_to.append(host)
+        raise httpcore.ConnectError(f"{host}:{port} refused (test)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hostile_dns)
+    monkeypatch.setattr(httpcore.SyncBackend, "connect_tcp", refusing_connect)
+    with MarketplaceClient(url, "mk_SECRET", network=NETWORK, retries=0) as client:
+        with pytest.raises(httpx.ConnectError):
+            client.me()
+    assert connected_to == ([] if "marketplace" in url else ["127.0.0.1"])
