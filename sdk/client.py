@@ -289,12 +289,7 @@ class MarketplaceClient:
         nonces and clock would be signed with): another chain's than the pinned network's refuses ("rpc chain
         id"). An answer that does not decode refuses too ("rpc chain id", "token domain")."""
         if self._chain is not None:
-            try:
-                chain_id = self._chain.chain_id()
-            except MalformedAnswer as unreadable:
-                raise SigningRefused("rpc chain id", self.network.chain_id, None, str(unreadable)) from unreadable
-            if chain_id != self.network.chain_id:
-                raise SigningRefused("rpc chain id", self.network.chain_id, chain_id)
+            self._check_rpc_chain()
             if self._token_domain_read is None:
                 try:
                     read = self._chain.token_domain(self.network.token_address)
@@ -310,6 +305,18 @@ class MarketplaceClient:
         if self.network.token_domain is None:
             raise NotConfigured("The token's EIP-712 domain is neither pinned nor readable (pass rpc_url).")
         return self.network.token_domain
+
+    def _check_rpc_chain(self) -> None:
+        """Before anything read through the RPC is signed with (nonces, clock, an escrow's record): its chain id must
+        be the pinned network's, else `SigningRefused` on "rpc chain id" (unreadable too). Asked each time."""
+        if self._chain is None:
+            return
+        try:
+            chain_id = self._chain.chain_id()
+        except MalformedAnswer as unreadable:
+            raise SigningRefused("rpc chain id", self.network.chain_id, None, str(unreadable)) from unreadable
+        if chain_id != self.network.chain_id:
+            raise SigningRefused("rpc chain id", self.network.chain_id, chain_id)
 
     def _now(self) -> int:
         """When the next block can be mined: this machine's clock, or the chain's when it runs ahead (deadlines are
@@ -1108,6 +1115,7 @@ class MarketplaceClient:
         "agreement.challenge_window_seconds"), neither rounded nor raised on by int(). With the buyer's RPC, the
         escrow's own window bounds it too (`_check_onchain_challenge_window`)."""
         window = agreed_whole(agreement, "challenge_window_seconds")
+        self._check_rpc_chain()  # the clock and the escrow read below are the pinned chain's
         now = self._now()
         deadline = check_deadline(received, field, now=now, min_seconds=0,
                                   max_seconds=min(window, CHALLENGE_WINDOW_MAX_SECONDS))

@@ -6,7 +6,9 @@
 # larger deposit, with getEscrow answering state 0, was exempt from the pinned signer and the deposit checks, and a
 # listing signed with its key verified; a localhost name (`*.localhost`, `localhost.`, sent plain http as this
 # machine's) is connected to at the loopback addresses it resolves to only (none: httpx.ConnectError): the system
-# resolver may ask DNS for it, and a hostile answer had the API key sent to another machine in clear;
+# resolver may ask DNS for it, and a hostile answer had the API key sent to another machine in clear; challenge and
+# request_refund ask the RPC's chain id first, as every other signing does (SigningRefused on "rpc chain id"): the
+# clock and escrow record bounding a Challenge's deadline were read from whatever chain the RPC served;
 # 0.4.20: get_agreement, get_purchase and get_invocation (and wait_until, escrow_status, wait_for_purchase,
 # wait_for_invocation, request_refund, invoke_skill through them) raise sdk.AnswerMismatch (an UnexpectedAnswer,
 # with field, expected, received) on an answer naming another agreement, purchase (blockchainIdentifier, compared as

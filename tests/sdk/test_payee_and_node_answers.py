@@ -604,6 +604,37 @@ def test_usage_is_not_verified_through_an_rpc_of_another_chain(monkeypatch, chai
         assert buyer.verify_usage(agreement, buyer_wallet_address=agreement["buyer_wallet_address"]).events == 10
 
 
+@pytest.mark.parametrize("chain_id", [another_chain, unreadable_chain], ids=["another chain", "unreadable"])
+@pytest.mark.parametrize("sign", ["challenge", "refund request"])
+def test_a_challenge_is_not_signed_by_the_clock_and_escrow_of_an_rpc_of_another_chain(monkeypatch, chain_id, sign):
+    """Every signing asks the RPC's chain id first, but a challenge and a Masumi refund request (an EIP-712
+    Challenge, bounded by the escrow's on-chain window and the chain's clock read through the RPC) asked nothing:
+    an RPC serving another chain (a mistyped URL, a load balancer moved, a hostile node), where an escrow at the same
+    address shows a later challenge deadline, had the buyer sign a Challenge valid after the pinned chain's window
+    closes. Another chain's id, or one that does not read, refuses ("rpc chain id"), nothing signed."""
+    from tests.sdk.test_signing_bounds import (RefundMarketplace, challenge_package_marketplace, onchain_id_of,
+                                               refund)
+
+    monkeypatch.setattr(ChainReader, "escrow", proposed_escrow(int(time.time()) + 7200))
+    monkeypatch.setattr(ChainReader, "now", lambda self: int(time.time()))
+    monkeypatch.setattr(ChainReader, "chain_id", chain_id)
+    agreement_id, submitted = str(uuid.uuid4()), []
+    if sign == "challenge":
+        agreement = {"id": agreement_id, "onchain_id": onchain_id_of(agreement_id), "challenge_window_seconds": 3600}
+        with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                               rpc_url="https://node.invalid",
+                               transport=httpx.MockTransport(challenge_package_marketplace(agreement_id, submitted))
+                               ) as buyer, pytest.raises(SigningRefused) as refusal:
+            buyer.challenge(agreement, KEY, "the answers were empty")
+    else:
+        marketplace = RefundMarketplace(agreement_id)
+        submitted = marketplace.submitted
+        with pytest.raises(SigningRefused) as refusal:
+            refund(marketplace, rpc_url="https://node.invalid", agreement_id=agreement_id)
+    assert refusal.value.field == "rpc chain id"
+    assert submitted == []
+
+
 # --- a payee the buyer did not name ---------------------------------------------------------------------------------
 
 def escrow_activated_without_naming_the_seller(marketplace: EscrowMarketplace) -> None:
@@ -769,6 +800,7 @@ def test_a_challenge_deadline_is_bounded_by_the_escrows_on_chain_window(monkeypa
 
     monkeypatch.setattr(ChainReader, "escrow", escrow)
     monkeypatch.setattr(ChainReader, "now", lambda self: int(time.time()))
+    monkeypatch.setattr(ChainReader, "chain_id", lambda self: NETWORK.chain_id)
     agreement_id, submitted = str(uuid.uuid4()), []
     agreement = {"id": agreement_id, "onchain_id": onchain_id_of(agreement_id), "challenge_window_seconds": 3600}
     with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="https://node.invalid",
@@ -803,6 +835,7 @@ def test_a_refund_requests_unlock_time_is_bounded_by_the_escrows_on_chain_window
 
     monkeypatch.setattr(ChainReader, "escrow", escrow)
     monkeypatch.setattr(ChainReader, "now", lambda self: int(time.time()))
+    monkeypatch.setattr(ChainReader, "chain_id", lambda self: NETWORK.chain_id)
     agreement_id = str(uuid.uuid4())
     marketplace = RefundMarketplace(agreement_id)
     if field is None:

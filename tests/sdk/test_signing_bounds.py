@@ -522,10 +522,10 @@ def rpc_clock_ahead_by(seconds: int) -> type[BaseHTTPRequestHandler]:
     class Node(JsonRpcNode):
         def do_POST(self) -> None:
             call = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            assert call["method"] == "eth_getBlockByNumber", call
-            body = json.dumps({"jsonrpc": "2.0", "id": call["id"],
-                               "result": {"timestamp": hex(int(time.time()) + seconds)}}).encode()
-            self.answer_json(body)
+            assert call["method"] in ("eth_chainId", "eth_getBlockByNumber"), call
+            result = hex(NETWORK.chain_id) if call["method"] == "eth_chainId" else {
+                "timestamp": hex(int(time.time()) + seconds)}
+            self.answer_json(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": result}).encode())
 
     return Node
 
