@@ -318,6 +318,15 @@ class MarketplaceClient:
         if chain_id != self.network.chain_id:
             raise SigningRefused("rpc chain id", self.network.chain_id, chain_id)
 
+    def _serves_pinned_chain(self) -> bool:
+        """Whether the RPC serves the pinned network's chain (`_check_rpc_chain`), before a status it shows is taken:
+        what it reads of another chain's escrows and transactions is not the agreement's."""
+        try:
+            self._check_rpc_chain()
+        except SigningRefused:
+            return False
+        return True
+
     def _now(self) -> int:
         """When the next block can be mined: this machine's clock, or the chain's when it runs ahead (deadlines are
         block times). An idle chain's latest block may be minutes old, so the chain's clock alone would run late.
@@ -630,6 +639,8 @@ class MarketplaceClient:
                 return False
             if self._chain is None:
                 return True
+            if not self._serves_pinned_chain():
+                return False
             try:
                 return bool(getattr(self._chain, logged)(str(named), token=self.network.token_address,
                                                          authorizer=wallet.address, nonce=authorization_nonce))
@@ -817,7 +828,9 @@ class MarketplaceClient:
 
     def _buyers_escrow(self, agreement: Mapping[str, Any], buyer: str) -> OnchainEscrow | None:
         """`buyer`'s escrow under the agreement's own escrow id, as the buyer's RPC reads it; None when the id is not
-        the agreement's own, or the escrow does not read."""
+        the agreement's own, the escrow does not read, or the RPC serves another chain than the pinned one."""
+        if not self._serves_pinned_chain():
+            return None
         try:
             return self._reader().escrow(self.network.escrow_address, check_onchain_id(agreement), buyer=buyer,
                                          from_block=self.network.escrow_deployment_block)
@@ -880,7 +893,7 @@ class MarketplaceClient:
         if signed is None:
             return True
         paid = agreement.get("payment_tx_hash")
-        if not isinstance(paid, str) or not paid:
+        if not isinstance(paid, str) or not paid or not self._serves_pinned_chain():
             return False
         payer, nonce = signed
         try:

@@ -268,3 +268,28 @@ def test_wait_until_paid_takes_the_payment_only_as_the_buyers_rpc_shows_it(monke
             with pytest.raises(TimeoutError, match="on-chain"):
                 client.wait_until(agreement_id, statuses={"paid"}, timeout=0.3, poll_interval=0.05)
     assert asked and set(asked) == {(tx, NETWORK.token_address, BUYER, nonce)}
+
+
+# --- an RPC of another chain ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("awaited", ["active", "paid"])
+def test_a_status_shown_by_an_rpc_of_another_chain_is_not_taken(monkeypatch, awaited):
+    """`wait_until` (and `escrow_status(verify=True)`, `complete(wait=True)`, `wait_for_purchase`, the wait of
+    `cancel_payment_authorization`) took a status as shown once the buyer's RPC read the escrow, or the payment's
+    transaction, in it, without asking which chain it serves: an RPC of another chain (a mistyped URL, a load
+    balancer moved, a hostile node), where an escrow at the same address is active or a transaction of that hash used
+    the authorization, had an agreement never funded taken for active, a payment never made for paid. The RPC must
+    serve the pinned chain (its `eth_chainId`, asked first), else nothing is shown and the wait goes on."""
+    agreement_id, nonce, tx = str(uuid.uuid4()), "0x" + secrets.token_hex(32), "0x" + secrets.token_hex(32)
+    agreement = {**_agreement(agreement_id, awaited), "payment_tx_hash": tx}
+    monkeypatch.setattr(ChainReader, "authorization_used", lambda self, *args, **kwargs: True)
+    served = {"chain": 1}  # Ethereum mainnet's, not the pinned Base Sepolia's
+    with _client(monkeypatch, agreement, _escrow_of(agreement, "active")) as client:
+        monkeypatch.setattr(ChainReader, "chain_id", lambda self: served["chain"])
+        client._remember_buyer(agreement_id, BUYER)
+        client._payment_authorizations[agreement_id] = (BUYER, nonce)
+        with pytest.raises(TimeoutError, match="on-chain"):
+            client.wait_until(agreement_id, statuses={awaited}, timeout=0.3, poll_interval=0.05)
+        assert client.escrow_status(agreement_id, verify=True)["status_onchain"] is False
+        served["chain"] = NETWORK.chain_id
+        assert client.wait_until(agreement_id, statuses={awaited}, timeout=5, poll_interval=0.05)["status"] == awaited

@@ -889,6 +889,7 @@ def complete_through(monkeypatch, *, status: str, challenge_deadline: int | None
 
     monkeypatch.setattr(ChainReader, "escrow", proposed_escrow(onchain_deadline, state=onchain))
     monkeypatch.setattr(ChainReader, "now", lambda self: int(time.time()))
+    monkeypatch.setattr(ChainReader, "chain_id", lambda self: NETWORK.chain_id)
     agreement_id = str(uuid.uuid4())
     with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url="https://node.invalid",
                            transport=httpx.MockTransport(completing_marketplace(agreement_id, status,
