@@ -43,10 +43,10 @@ import httpx
 from sdk import bounded_json
 from sdk.name_resolution import BoundedResolver
 
-__all__ = ["ACCEPTED_ENCODINGS", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "AnswerRefused", "InSmallPieces",
-           "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "InsecureUrl", "UndecodableAnswer", "UnexpectedAnswer",
-           "UnrequestedEncoding", "deadline_passed", "deadline_within", "json_answer", "require_https", "text_codec",
-           "text_encoding", "time_left"]
+__all__ = ["ACCEPTED_ENCODINGS", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_MAX_ANSWER_BYTES", "ERROR_TEXT_CHARS",
+           "AnswerRefused", "InSmallPieces", "AnswerTooLarge", "BoundedHttp", "DeadlineExceeded", "InsecureUrl",
+           "UndecodableAnswer", "UnexpectedAnswer", "UnrequestedEncoding", "deadline_passed", "deadline_within",
+           "json_answer", "one_line", "require_https", "text_codec", "text_encoding", "time_left"]
 
 # A metered call may take as long as the marketplace lets a seller answer (its PROXY_ANSWER_TIMEOUT_SECONDS, 300).
 DEFAULT_DEADLINE_SECONDS = 300.0
@@ -71,6 +71,9 @@ _NO_TEXT_CODECS = frozenset({"punycode", "idna", "undefined"})
 # Codecs whose incremental decoder (httpx's) raises on a text without a byte order mark; RFC 2781 reads it big-endian.
 _WITHOUT_BOM = {"utf-16": (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, "utf-16-be"),
                 "utf-32": (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, "utf-32-be")}
+
+# How much of a server's text (a refusal's code and message, a proxy's page, a node's error) an SDK error keeps.
+ERROR_TEXT_CHARS = 500
 
 # When the running request must be over (time.monotonic()), in this thread or task; None outside a request.
 _DEADLINE: ContextVar[float | None] = ContextVar("sdk_http_deadline", default=None)
@@ -104,6 +107,13 @@ class UnrequestedEncoding(AnswerRefused):
 
 class InsecureUrl(ValueError):
     """A server's URL that is not https, and not plain http to this machine (loopback): nothing was sent to it."""
+
+
+def one_line(text: str) -> str:
+    """A server's text (a marketplace's refusal, an RPC node's error) as one line of at most `ERROR_TEXT_CHARS`
+    characters, what is not printable (newlines, line separators, terminal escapes) shown as a space: it goes into
+    exceptions, and so into the agent's log, where it could forge lines or fill it."""
+    return "".join(character if character.isprintable() else " " for character in text[:ERROR_TEXT_CHARS])
 
 
 def require_https(url: str | httpx.URL, *, what: str, allow_insecure_http: bool) -> None:

@@ -61,9 +61,9 @@ from x402.http import decode_payment_signature_header
 
 from sdk import typed_data
 from sdk.activation import sign_activation_package
-from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, AnswerRefused, BoundedHttp,
-                              DeadlineExceeded, UnexpectedAnswer, deadline_passed, deadline_within, json_answer,
-                              require_https, time_left)
+from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, ERROR_TEXT_CHARS, AnswerRefused,
+                              BoundedHttp, DeadlineExceeded, UnexpectedAnswer, deadline_passed, deadline_within,
+                              json_answer, one_line, require_https, time_left)
 from sdk.networks import NetworkConfig, TokenDomain
 from sdk.onchain import DEFAULT_LOG_BLOCK_SPAN, ChainReader, MalformedAnswer, OnchainEscrow, RpcError
 from sdk.receipts import (UsageChainMismatch, UsageEscrowUnreadable, UsageTermsMismatch, UsageVerificationTimedOut,
@@ -104,8 +104,6 @@ RPC_CLOCK_LEAD_MAX_SECONDS = 300
 # `max_duration_seconds` and `min_challenge_window_seconds`.
 AGREEMENT_DURATION_MAX_SECONDS = 7 * 86400 + 3600
 CHALLENGE_WINDOW_MIN_SECONDS = 3600
-# How much of a refusal's code and message (or of a proxy's page) a MarketplaceError keeps (`_one_line`).
-_ERROR_TEXT_CHARS = 500
 # How many proposals a client remembers (`activate_escrow` holds an agreement to what was proposed).
 _PROPOSALS_REMEMBERED = 4096
 # A Masumi timer in unix milliseconds has 13 digits until the year 2286; a uint256's have 78.
@@ -140,11 +138,11 @@ class MarketplaceError(Exception):
         try:
             body = json_answer(response)
             error = body["error"] if isinstance(body["error"], dict) else {**body, "code": body["error"]}
-            return cls(response.status_code, _one_line(str(error["code"])), _one_line(str(error.get("message", ""))),
+            return cls(response.status_code, one_line(str(error["code"])), one_line(str(error.get("message", ""))),
                        error.get("details") or {})
         except (ValueError, KeyError, TypeError):
-            text = response.content[:_ERROR_TEXT_CHARS * 4].decode("utf-8", errors="replace")
-            return cls(response.status_code, f"http_{response.status_code}", _one_line(text))
+            text = response.content[:ERROR_TEXT_CHARS * 4].decode("utf-8", errors="replace")
+            return cls(response.status_code, f"http_{response.status_code}", one_line(text))
 
     @property
     def transient(self) -> bool:
@@ -172,9 +170,9 @@ class AgreementFailed(Exception):
     def __init__(self, agreement: Mapping[str, Any]):
         self.agreement = dict(agreement)
         self.status: str = agreement["status"]
-        self.reason: str = _one_line(str(agreement.get("status_reason") or ""))  # the marketplace's, into logs
+        self.reason: str = one_line(str(agreement.get("status_reason") or ""))  # the marketplace's, into logs
         self.code: str = agreement.get("status_code") or ""
-        super().__init__(f"agreement {_one_line(str(agreement.get('id')))} is {_one_line(str(self.status))}: "
+        super().__init__(f"agreement {one_line(str(agreement.get('id')))} is {one_line(str(self.status))}: "
                          f"{self.reason or 'no reason given'}")
 
 
@@ -323,7 +321,7 @@ class MarketplaceClient:
         what it reads of another chain's escrows and transactions is not the agreement's."""
         try:
             self._check_rpc_chain()
-        except SigningRefused:
+        except (SigningRefused, RpcError):  # another chain's, unreadable, or refused: nothing shown (yet)
             return False
         return True
 
@@ -1795,13 +1793,6 @@ def _remembered(store: OrderedDict[Any, T], key: Any, value: T, *, replace: bool
     while len(store) > _PROPOSALS_REMEMBERED:
         store.popitem(last=False)
     return value
-
-
-def _one_line(text: str) -> str:
-    """A server's text as one line of at most `_ERROR_TEXT_CHARS` characters, what is not printable (newlines, line
-    separators, terminal escapes) shown as a space: it goes into exceptions, and so into the agent's log, where it
-    could forge lines or fill it."""
-    return "".join(character if character.isprintable() else " " for character in text[:_ERROR_TEXT_CHARS])
 
 
 def _check_api_key(api_key: str) -> None:

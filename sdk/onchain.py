@@ -30,7 +30,7 @@ from eth_abi.exceptions import DecodingError
 from eth_utils import keccak, to_checksum_address
 
 from sdk.bounded_http import (DEFAULT_DEADLINE_SECONDS, DEFAULT_MAX_ANSWER_BYTES, BoundedHttp, json_answer,
-                              require_https)
+                              one_line, require_https)
 from sdk.networks import TokenDomain
 
 __all__ = ["DEFAULT_LOG_BLOCK_SPAN", "ChainReader", "MalformedAnswer", "OnchainEscrow", "RpcError", "redacted"]
@@ -183,7 +183,7 @@ class ChainReader:
             if not isinstance(answer, dict):
                 raise MalformedAnswer(f"{method}: not a JSON-RPC answer: {str(answer)[:100]!r}")
             if answer.get("error"):
-                raise RpcError(f"{method}: {str(answer['error'])[:500]}")
+                raise RpcError(f"{method}: {one_line(str(answer['error']))}")  # the node's text, into logs
             if "result" not in answer:
                 raise MalformedAnswer(f"{method}: an answer with neither a result nor an error")
             return answer["result"]

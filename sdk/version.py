@@ -10,7 +10,9 @@
 # request_refund ask the RPC's chain id first, as every other signing does (SigningRefused on "rpc chain id"): the
 # clock and escrow record bounding a Challenge's deadline were read from whatever chain the RPC served; so do the
 # reads taking a status as shown on-chain (wait_until, escrow_status(verify=True), complete(wait=True),
-# wait_for_purchase, cancel_payment_authorization(wait=True)): another chain's shows nothing, the wait goes on;
+# wait_for_purchase, cancel_payment_authorization(wait=True)): another chain's shows nothing, the wait goes on; an RPC
+# node's JSON-RPC error text is one line of at most 500 characters in RpcError, what is not printable a space (it
+# went in as it came, newlines forging the agent's log lines);
 # 0.4.20: get_agreement, get_purchase and get_invocation (and wait_until, escrow_status, wait_for_purchase,
 # wait_for_invocation, request_refund, invoke_skill through them) raise sdk.AnswerMismatch (an UnexpectedAnswer,
 # with field, expected, received) on an answer naming another agreement, purchase (blockchainIdentifier, compared as

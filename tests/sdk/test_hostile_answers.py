@@ -704,7 +704,7 @@ def test_a_refusals_text_is_one_bounded_line(body):
     """A refusal's code and message were the marketplace's JSON as it came, of any length (only a refusal that was
     not JSON kept 500 characters): a compromised marketplace forged lines in the agent's log (a newline, a line
     separator, a terminal escape) and filled it (100 kB of message). Both are read as one line of at most
-    `_ERROR_TEXT_CHARS` characters, controls shown as spaces."""
+    `sdk.bounded_http.ERROR_TEXT_CHARS` characters, controls shown as spaces."""
     content = body.encode() if isinstance(body, str) else json.dumps(body).encode()
     client = MarketplaceClient("https://marketplace.example", "mk_test", retries=0, transport=httpx.MockTransport(
         lambda request: httpx.Response(402, content=content,
@@ -962,3 +962,27 @@ def test_a_localhost_name_a_resolver_answers_with_another_machine_is_not_connect
         with pytest.raises(httpx.ConnectError):
             client.me()
     assert connected_to == ([] if "marketplace" in url else ["127.0.0.1"])
+
+
+class ErrsInSeveralLines(Hostile):
+    """A JSON-RPC node whose refusal's text forges log lines: a newline, a line separator, a terminal escape."""
+
+    def answer(self) -> Iterator[bytes]:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "error": (
+            "header not found\n2026-12-08 01:00:00 INFO sdk: payment confirmed, seller paid\u2028\x1b[2Kdone"
+            + "x" * 100_000)}).encode()
+        yield (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+               + b"\r\n\r\n" + body)
+
+
+def test_an_rpc_nodes_refusal_is_one_bounded_line_in_the_sdks_errors():
+    """A node's JSON-RPC `error`, when text, went into the `RpcError` as it came (its first 500 characters), and so
+    into the agent's log, where its newlines forged lines, as a marketplace's refusal did before SDK 0.4.20. It is one
+    line of at most 500 characters, what is not printable shown as a space."""
+    with hostile(ErrsInSeveralLines) as rpc_url:
+        with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK, rpc_url=rpc_url) as client:
+            with pytest.raises(RpcError) as refused:
+                client.token_domain()
+    shown = str(refused.value)
+    assert shown.isprintable() and "header not found" in shown and "payment confirmed" in shown
+    assert len(shown) <= 600
