@@ -683,7 +683,7 @@ class MarketplaceClient:
         def late(agreement: dict[str, Any] | None) -> str:
             named = agreement.get("payment_authorization_cancel_tx_hash") if isinstance(agreement, dict) else None
             paid = used_by(agreement) if isinstance(agreement, dict) else None
-            unshown = [f"{str(tx)[:80]}, which the buyer's RPC does not show {what} it"
+            unshown = [f"{one_line(str(tx)[:80])}, which the buyer's RPC does not show {what} it"
                        for tx, what in ((named, "cancelling"), (paid, "using")) if tx]
             return (f"agreement {agreement_id}'s payment authorization is not cancelled on-chain after {timeout:g} s"
                     + (f" (the marketplace names {'; and '.join(unshown)})" if unshown else ""))
@@ -1415,7 +1415,8 @@ class MarketplaceClient:
                           lambda invocation: _stated_status(invocation, "status", where="invocation") in
                           _INVOCATION_ENDED,
                           timeout=timeout, poll_interval=poll_interval, late=lambda invocation: (
-                              f"invocation {invocation_id} is {_still(invocation, 'status')} after {timeout:g} s"))
+                              f"invocation {one_line(str(invocation_id))} is {_still(invocation, 'status')} after "
+                              f"{timeout:g} s"))
 
     @staticmethod
     def _answer(response: httpx.Response) -> dict[str, Any]:
@@ -1829,7 +1830,8 @@ def _proposal_key(agreement_id: Any) -> str:
 
 
 def _still(answer: Mapping[str, Any] | None, field: str) -> str:
-    return f"still {answer.get(field)}" if answer is not None else "not read"
+    """The status a wait's last answer was still in, for its TimeoutError: the marketplace's text, one line."""
+    return f"still {one_line(str(answer.get(field)))}" if answer is not None else "not read"
 
 
 def _stated_status(answer: Any, name: str, *, where: str) -> str | None:

@@ -729,6 +729,24 @@ def test_a_failed_agreements_reason_is_one_bounded_line():
     assert failure.value.reason.isprintable() and failure.value.agreement == failed
 
 
+@pytest.mark.parametrize("wait", ["agreement", "invocation"])
+def test_a_waits_timeout_names_the_status_as_one_bounded_line(wait):
+    """A wait's `TimeoutError` named the status it was still in as the marketplace wrote it ("agreement a1 is still
+    <status> after 0.2 s"): a status of newlines and a hundred kilobytes forged lines in the agent's log and filled
+    it, as a refusal's text did before SDK 0.4.20."""
+    status = "pending" + FORGED_LINE * 2_000
+    answer = {"id": "a1", "invocation_id": "a1", "status": status}
+    client = MarketplaceClient("https://marketplace.example", "mk_test", transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, json=answer)))
+    with pytest.raises(TimeoutError) as late:
+        if wait == "agreement":
+            client.wait_until("a1", timeout=0.2, poll_interval=0.05)
+        else:
+            client.wait_for_invocation("a1", timeout=0.2, poll_interval=0.05)
+    assert "still pending" in str(late.value)
+    assert str(late.value).isprintable() and len(str(late.value)) <= 1_100
+
+
 @pytest.mark.parametrize("charset", ["punycode", "bz2", "zlib"])
 def test_a_refusals_text_in_a_charset_that_is_no_text_coding_is_a_marketplace_error_within_the_deadline(charset):
     """A refusal that is not the API's JSON keeps its text, decoded as its `Content-Type` charset said: Python's
