@@ -184,8 +184,8 @@ class PaymentAuthorizationUsed(Exception):
     def __init__(self, agreement: Mapping[str, Any], used_by: str):
         self.agreement = dict(agreement)
         self.used_by = used_by
-        super().__init__(f"agreement {agreement.get('id')}'s payment authorization was used by {used_by} before its "
-                         "cancellation ran: the money went to the seller")
+        super().__init__(f"agreement {one_line(str(agreement.get('id')))}'s payment authorization was used by "
+                         f"{one_line(str(used_by))} before its cancellation ran: the money went to the seller")
 
 
 class PaymentAuthorizationCancelFailed(Exception):
@@ -195,9 +195,9 @@ class PaymentAuthorizationCancelFailed(Exception):
 
     def __init__(self, agreement: Mapping[str, Any], reason: str):
         self.agreement = dict(agreement)
-        self.reason = reason
-        super().__init__(f"agreement {agreement.get('id')}'s payment authorization cancellation failed: "
-                         f"{reason or 'no reason given'}")
+        self.reason = one_line(reason)  # the marketplace's, into logs
+        super().__init__(f"agreement {one_line(str(agreement.get('id')))}'s payment authorization cancellation "
+                         f"failed: {self.reason or 'no reason given'}")
 
 
 def _retry_after(refused: MarketplaceError, default: float) -> float:

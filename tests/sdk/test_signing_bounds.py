@@ -23,7 +23,8 @@ from eth_utils import keccak
 from x402 import PaymentRequired, PaymentRequirements
 from x402.http import decode_payment_signature_header, encode_payment_required_header
 
-from sdk import (AgreedTerms, AnswerMismatch, MarketplaceClient, MarketplaceError, PaymentAuthorizationUsed,
+from sdk import (AgreedTerms, AnswerMismatch, MarketplaceClient, MarketplaceError, PaymentAuthorizationCancelFailed,
+                 PaymentAuthorizationUsed,
                  SellerUnverified, SigningRefused, TokenDomain, proxy_signature, typed_data)
 from sdk.activation import expected_activation
 from sdk.networks import BASE_SEPOLIA, NetworkConfig
@@ -1295,3 +1296,39 @@ def test_a_nonce_with_a_trailing_newline_is_refused_before_signing():
     with pytest.raises(ValueError, match="nonce: expected a 0x-prefixed 32-byte hex string"):
         typed_data.cancel_authorization(chain_id=1, token_address="0x" + "11" * 20, authorizer="0x" + "22" * 20,
                                         nonce="0x" + "ab" * 32 + "\n")
+
+
+FORGED_LINE = "\n2026-12-07 23:00:00 INFO agent: cancellation confirmed, authorization revoked"
+
+
+@pytest.mark.parametrize("outcome", ["used", "failed"])
+def test_a_cancellations_outcome_the_marketplace_names_is_one_bounded_line(outcome):
+    """`PaymentAuthorizationUsed` and `PaymentAuthorizationCancelFailed` named the transaction or the failure reason
+    as the marketplace wrote it (without an RPC, its word): newlines and a hundred kilobytes forged lines in the
+    agent's log ("cancellation confirmed") and filled it. Each is one line of at most 500 characters."""
+    named = "0x" + "0e" * 32 + FORGED_LINE * 2_000
+
+    def marketplace(request: httpx.Request) -> httpx.Response:
+        agreement_id = request.url.path.split("/")[2]
+        if request.url.path.endswith("/cancel-payment-authorization"):
+            if request.method == "GET":
+                return httpx.Response(200, json={"cancel_authorization": typed_data.cancel_authorization(
+                    chain_id=NETWORK.chain_id, token_address=NETWORK.token_address, authorizer=BUYER,
+                    nonce=CANCELLED_NONCE, token_name=DOMAIN.name, token_version=DOMAIN.version)})
+            marketplace.relayed = True
+            return httpx.Response(202, json={"status": "submitting", "transaction": {"id": "t1"}})
+        if request.url.path.endswith("/escrow-status"):
+            return httpx.Response(200, json={"transactions": [
+                {"id": "t1", "status": "failed", "failure_reason": named}]})
+        return httpx.Response(200, json={"id": agreement_id, "status": "rejected",
+                                         "payment_tx_hash": named if outcome == "used" and marketplace.relayed
+                                         else None, "payment_authorization_cancel_tx_hash": None})
+
+    marketplace.relayed = False
+    raised = PaymentAuthorizationUsed if outcome == "used" else PaymentAuthorizationCancelFailed
+    with MarketplaceClient("https://marketplace.example", "mk_test", network=NETWORK,
+                           transport=httpx.MockTransport(marketplace)) as buyer, pytest.raises(raised) as told:
+        buyer.cancel_payment_authorization(str(uuid.uuid4()), KEY, authorization_nonce=CANCELLED_NONCE, wait=True,
+                                           timeout=2.0, poll_interval=0.05)
+    assert "0x" + "0e" * 32 in str(told.value)
+    assert str(told.value).isprintable() and len(str(told.value)) <= 1_100
