@@ -37,8 +37,20 @@ class SigningRefused(ValueError):
         self.field = field
         self.expected = expected
         self.received = received
-        super().__init__(f"refusing to sign: {field} is {received!r}, expected {expected!r}"
+        super().__init__(f"refusing to sign: {field} is {_shown(received)}, expected {_shown(expected)}"
                          + (f" ({reason})" if reason else ""))
+
+
+# How much of a value a refusal's text shows: the marketplace's may be a hundred kilobytes, and the text is logged.
+_SHOWN_CHARS = 200
+
+
+def _shown(value: Any) -> str:
+    """`value`'s repr in a refusal's text, at most `_SHOWN_CHARS` characters of it."""
+    text = repr(value)
+    if len(text) <= _SHOWN_CHARS:
+        return text
+    return f"{text[:_SHOWN_CHARS]}... ({len(value) if isinstance(value, str) else len(text)} characters)"
 
 
 class DeadlineOutOfRange(SigningRefused):

@@ -14,7 +14,7 @@
 # node's JSON-RPC error text is one line of at most 500 characters in RpcError, what is not printable a space (it
 # went in as it came, newlines forging the agent's log lines); so is the status a wait's TimeoutError names, and the
 # transaction or reason PaymentAuthorizationUsed and PaymentAuthorizationCancelFailed name (the marketplace's text,
-# whole);
+# whole); a SigningRefused's text shows at most 200 characters of the values compared (received keeps it whole);
 # 0.4.20: get_agreement, get_purchase and get_invocation (and wait_until, escrow_status, wait_for_purchase,
 # wait_for_invocation, request_refund, invoke_skill through them) raise sdk.AnswerMismatch (an UnexpectedAnswer,
 # with field, expected, received) on an answer naming another agreement, purchase (blockchainIdentifier, compared as

@@ -1332,3 +1332,15 @@ def test_a_cancellations_outcome_the_marketplace_names_is_one_bounded_line(outco
                                            timeout=2.0, poll_interval=0.05)
     assert "0x" + "0e" * 32 in str(told.value)
     assert str(told.value).isprintable() and len(str(told.value)) <= 1_100
+
+
+def test_a_refusal_to_sign_shows_the_marketplaces_value_bounded():
+    """`SigningRefused` showed the value the marketplace answered whole (its repr): a service id of a hundred
+    kilobytes went whole into the refusal's text, and the agent's log. The text shows at most 200 characters of it;
+    `received` keeps it."""
+    marketplace = ReshapingMarketplace("service", lambda service: {**service, "id": "x" * 100_000})
+    with direct_buyer(marketplace) as buyer, pytest.raises(SigningRefused) as refused:
+        buyer.propose_direct_purchase(str(uuid.uuid4()), 10, wallet=KEY, max_unit_price_atomic=LISTED_PRICE,
+                                      permit_nonce=0)
+    assert refused.value.field == "service.id" and refused.value.received == "x" * 100_000
+    assert len(str(refused.value)) <= 1_000 and "100000 characters" in str(refused.value)
