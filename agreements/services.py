@@ -1740,6 +1740,32 @@ def agreement_refunded(*, agreement_id, amount: int, tx_hash: str) -> UsageAgree
                           changes={"seller_payout": 0, "buyer_refund": amount})
 
 
+def agreement_payout_deferred(*, agreement_id, party: str, amount: int, tx_hash: str) -> None:
+    """The token refused the escrow's transfer of `amount` to `party` ("seller" or "buyer") at its settlement or
+    reclaim (a USDC-blacklisted address, a paused token): the contract credited it, claimable by `withdraw`. The
+    settlement records the party's share as paid out; this event (webhooks, inbox) says the money stayed in the
+    escrow, and the dashboard lists it until it is withdrawn (`escrow.selectors.payouts_deferred`). Once per
+    transaction and party. Call inside a DB transaction."""
+    _payout_notice(agreement_id, party=party, tx_hash=tx_hash, key="payout_deferred_atomic", amount=amount,
+                   reason=f"the token refused the escrow's transfer of {amount} base units to the {party}: it stays "
+                          "claimable in the escrow (withdraw; see claim-instructions)")
+
+
+def agreement_payout_withdrawn(*, agreement_id, party: str, amount: int, tx_hash: str) -> None:
+    """A deferred payout (`agreement_payout_deferred`) reached `party` through the escrow's `withdraw` (anyone's).
+    Once per transaction and party. Call inside a DB transaction."""
+    _payout_notice(agreement_id, party=party, tx_hash=tx_hash, key="withdrawn_atomic", amount=amount,
+                   reason=f"the {amount} base units credited to the {party} in the escrow were withdrawn to it")
+
+
+def _payout_notice(agreement_id, *, party: str, tx_hash: str, key: str, amount: int, reason: str) -> None:
+    agreement = _lock(agreement_id)
+    data = {key: amount, "party": party, "tx_hash": tx_hash}
+    if agreement.events.filter(data__has_key=key, data__party=party, data__tx_hash=tx_hash).exists():
+        return  # told already (a reorg took its block, and the same transaction was mined again)
+    _record_event(agreement, actor=SYSTEM, from_status=agreement.status, reason=reason, data=data)
+
+
 def agreement_payout_undone(*, agreement_id, tx_hash: str) -> UsageAgreement | None:
     """A reorg deeper than the confirmation depth took the block of our finalize or reclaim `tx_hash` the agreement
     was recorded settled or refunded on, before the indexer applied its event (had it, it moved the agreement back

@@ -352,10 +352,13 @@ def _store_and_apply(cursor: IndexerCursor, log) -> None:
                        log_index=log["logIndex"], contract=Web3.to_checksum_address(log["address"]), name=name,
                        args=args, effect=EventEffect.RECORDED)
     event.agreement_id = _agreement_id(args)
-    if event.agreement_id is not None and name in _TARGETS:
+    if event.agreement_id is not None and (name in _TARGETS or name in _NOTICES):
         try:
             with transaction.atomic():  # a savepoint: a failed event leaves nothing half-applied
-                _apply(event)
+                if name in _TARGETS:
+                    _apply(event)
+                else:
+                    _notify(event)
         except (OperationalError, InterfaceError):
             raise  # the database itself failed: the whole range is retried
         except Exception as error:  # noqa: BLE001 - any event that cannot be applied is kept, visibly
@@ -472,6 +475,22 @@ _HANDLERS = {
     "Resolved": _on_resolved,
     "Settled": _on_settled,
     "Reclaimed": _on_reclaimed,
+}
+
+
+def _notify(event: ChainEvent) -> None:
+    """An escrow event that moves no agreement but is told to its parties (`_NOTICES`); it stays `recorded`."""
+    agreement = UsageAgreement.objects.get(pk=event.agreement_id)
+    party = "seller" if Web3.to_checksum_address(event.args["party"]) == agreement.seller_wallet_address else "buyer"
+    _NOTICES[event.name](agreement_id=event.agreement_id, party=party, amount=int(event.args["amount"]),
+                         tx_hash=event.tx_hash)
+
+
+# Escrow events told to the agreement's parties without moving it: a payout the token refused, credited in the escrow
+# (the settlement recorded it as paid out), and its withdrawal.
+_NOTICES = {
+    "PayoutDeferred": agreement_services.agreement_payout_deferred,
+    "Withdrawn": agreement_services.agreement_payout_withdrawn,
 }
 
 

@@ -61,6 +61,12 @@ def _failures(limit: int) -> list[dashboard.Failure]:
                                    reason=f"tx {fill.mined_tx_hash} ran in the fill's place",
                                    admin_url=_tx_url(fill))
                  for fill in selectors.nonce_fills_outrun().reverse()[:limit]]
+    failures += [dashboard.Failure(at=event.created_at, kind="escrow payout deferred",
+                                   subject=str(event.agreement_id),
+                                   reason=f"the token refused {event.args['amount']} base units to "
+                                          f"{event.args['party']}: claimable in the escrow until withdrawn",
+                                   admin_url=reverse("admin:escrow_chainevent_change", args=[event.pk]))
+                 for event in selectors.payouts_deferred()[:limit]]
     return failures
 
 

@@ -668,6 +668,16 @@ def indexer_unapplied_events(*, acknowledged: bool = False):
                                      acknowledged_at__isnull=not acknowledged).order_by("block_number", "log_index")
 
 
+def payouts_deferred():
+    """Payouts the token refused at an agreement's settlement or reclaim (PayoutDeferred, still canonical), credited in
+    the escrow and not withdrawn since (no Withdrawn of the same escrow and party): the books record them as paid out,
+    the money is in the escrow. Newest first."""
+    withdrawn = ChainEvent.objects.filter(name="Withdrawn", removed_at=None, agreement_id=OuterRef("agreement_id"),
+                                          args__party=OuterRef("args__party"))
+    return (ChainEvent.objects.filter(name="PayoutDeferred", removed_at=None, agreement__isnull=False)
+            .exclude(Exists(withdrawn)).order_by("-block_number", "-log_index"))
+
+
 def indexer_event_counts_by_effect() -> dict[str, int]:
     rows = ChainEvent.objects.filter(removed_at=None).order_by().values_list("effect").annotate(count=Count("pk"))
     return dict(rows)

@@ -59,6 +59,11 @@ def _describe_settled_below_usage(agreement: UsageAgreement) -> str:
             f"last proposed before the window closed")
 
 
+def _describe_payout_deferred(event) -> str:
+    return (f"agreement {event.agreement_id}: the token refused the escrow's {event.args['amount']} base units to "
+            f"{event.args['party']} (tx {event.tx_hash}); claimable in the escrow until withdrawn")
+
+
 def _describe_timing_out(dispute, now) -> str:
     return (f"dispute {dispute.pk}: times out about {dispute.times_out_at:%Y-%m-%d %H:%M:%S %Z} "
             f"({selectors.dispute_time_left(dispute, now=now)}); "
@@ -183,6 +188,8 @@ class Command(BaseCommand):
             self.stdout.write(_describe_seller_unpaid(agreement))  # agrees with the chain: no mismatch
         for agreement in agreement_selectors.agreements_settled_below_their_usage().iterator():
             self.stdout.write(_describe_settled_below_usage(agreement))  # the chain's payout, recorded: no mismatch
+        for event in selectors.payouts_deferred().iterator():
+            self.stdout.write(_describe_payout_deferred(event))  # the chain's credit, recorded: no mismatch
         now = timezone.now()
         for dispute in selectors.disputes_timing_out(before=now + settings.DISPUTE_TIMEOUT_WARNING):
             self.stdout.write(_describe_timing_out(dispute, now))  # the arbiter's to-do, no mismatch
