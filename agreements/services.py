@@ -1747,7 +1747,7 @@ def agreement_payout_deferred(*, agreement_id, party: str, amount: int, tx_hash:
     escrow, and the dashboard lists it until it is withdrawn (`escrow.selectors.payouts_deferred`). Once per
     transaction and party. Call inside a DB transaction."""
     _payout_notice(agreement_id, party=party, tx_hash=tx_hash, key="payout_deferred_atomic", amount=amount,
-                   reason=f"the token refused the escrow's transfer of {amount} base units to the {party}: it stays "
+                   code="payout_deferred", reason=f"the token refused the escrow's transfer of {amount} base units to the {party}: it stays "
                           "claimable in the escrow (withdraw; see claim-instructions)")
 
 
@@ -1755,12 +1755,13 @@ def agreement_payout_withdrawn(*, agreement_id, party: str, amount: int, tx_hash
     """A deferred payout (`agreement_payout_deferred`) reached `party` through the escrow's `withdraw` (anyone's).
     Once per transaction and party. Call inside a DB transaction."""
     _payout_notice(agreement_id, party=party, tx_hash=tx_hash, key="withdrawn_atomic", amount=amount,
-                   reason=f"the {amount} base units credited to the {party} in the escrow were withdrawn to it")
+                   code="payout_withdrawn", reason=f"the {amount} base units credited to the {party} in the escrow were withdrawn to it")
 
 
-def _payout_notice(agreement_id, *, party: str, tx_hash: str, key: str, amount: int, reason: str) -> None:
+def _payout_notice(agreement_id, *, party: str, tx_hash: str, key: str, amount: int, code: str, reason: str) -> None:
+    """An event in the agreement's unchanged status; `code` tells it from a repeat of the close in a webhook."""
     agreement = _lock(agreement_id)
-    data = {key: amount, "party": party, "tx_hash": tx_hash}
+    data = {key: amount, "party": party, "tx_hash": tx_hash, "code": code}
     if agreement.events.filter(data__has_key=key, data__party=party, data__tx_hash=tx_hash).exists():
         return  # told already (a reorg took its block, and the same transaction was mined again)
     _record_event(agreement, actor=SYSTEM, from_status=agreement.status, reason=reason, data=data)

@@ -39,7 +39,8 @@ def test_a_payout_the_token_refused_is_told_to_the_parties_and_listed_until_it_i
     assert usdc_balance(chain, seller) == funded.balances["seller"]  # nothing reached the seller
     events = funded.seller_api.get(f"/usage-agreements/{funded.agreement_id}/events").json()["results"]
     [deferred] = [event for event in events if "payout_deferred_atomic" in event["data"]]
-    assert (deferred["data"]["party"], deferred["data"]["payout_deferred_atomic"]) == ("seller", 60_000)
+    assert (deferred["data"]["party"], deferred["data"]["payout_deferred_atomic"], deferred["data"]["code"]) == (
+        "seller", 60_000, "payout_deferred")
     assert len(deferred_on_the_dashboard(admin_client, funded.agreement_id)) == 1
     out = io.StringIO()
     call_command("reconcile", stdout=out)
