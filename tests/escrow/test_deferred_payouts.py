@@ -6,7 +6,8 @@ import io
 import pytest
 from django.core.management import call_command
 
-from tests.escrow.flow import confirm_all, usdc_balance
+from agreements.models import UsageAgreement
+from tests.escrow.flow import USDC, confirm_all, usdc_balance
 from tests.escrow.test_indexer import index
 from tests.escrow.test_settlement import call_n, funded, tick  # noqa: F401
 
@@ -58,3 +59,24 @@ def test_a_payout_the_token_refused_is_told_to_the_parties_and_listed_until_it_i
     assert deferred_on_the_dashboard(admin_client, funded.agreement_id) == []
     events = funded.seller_api.get(f"/usage-agreements/{funded.agreement_id}/events").json()["results"]
     assert [event["data"]["withdrawn_atomic"] for event in events if "withdrawn_atomic" in event["data"]] == [60_000]
+
+
+
+def test_a_reclaimed_deposit_the_token_refused_to_the_buyer_is_told_to_it_and_listed(
+        funded, escrow_chain, django_capture_on_commit_callbacks, admin_client):  # noqa: F811
+    """The reclaim of an unused escrow whose buyer the token blacklisted meanwhile: the deposit stays credited to the
+    buyer in the escrow, which its agreement's events and the dashboard say (the Reclaimed event comes first in the
+    transaction, then PayoutDeferred)."""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    chain.usdc.functions.blacklist(funded.buyer_account.address).transact({"from": chain.accounts.deployer.address})
+    expires_at = UsageAgreement.objects.get(pk=funded.agreement_id).expires_at
+    chain.increase_time(int(expires_at.timestamp()) - chain.now() + 10 + chain.reclaim_grace)
+    assert tick(capture)["reclaiming"] == 1
+    index(capture)
+
+    refunded = funded.agreement(funded.agreement_id)
+    assert (refunded["status"], refunded["buyer_refund_atomic"]) == ("refunded", 2 * USDC)
+    events = funded.buyer_api.get(f"/usage-agreements/{funded.agreement_id}/events").json()["results"]
+    assert [(event["data"]["party"], event["data"]["payout_deferred_atomic"]) for event in events
+            if event["data"].get("code") == "payout_deferred"] == [("buyer", 2 * USDC)]
+    assert len(deferred_on_the_dashboard(admin_client, funded.agreement_id)) == 1
