@@ -13,7 +13,7 @@ from rest_framework.views import APIView
 from catalog import selectors, services
 from catalog.authentication import agent_scope, calling_agent
 from catalog.models import KeyScope, MasumiProtocolVersion, PricingType, Service, ServiceState, UpstreamProtocol
-from catalog.serializers import http_base_url
+from catalog.serializers import CapabilitySerializer, http_base_url
 from marketplace import url_credentials
 from marketplace.errors import Forbidden, InvalidInput
 from marketplace.idempotency import idempotent
@@ -34,9 +34,8 @@ from marketplace.serializers import (
 _STATES = {ServiceState.REGISTERED: "RegistrationConfirmed", ServiceState.DEREGISTERED: "DeregistrationConfirmed"}
 
 
-class MasumiCapability(StrictSerializer):
-    name = serializers.CharField(max_length=250)
-    version = serializers.CharField(max_length=250)
+class MasumiCapability(CapabilitySerializer):
+    """The catalog's capability, bounded as its columns keep it (a longer version was a 500, the column's DataError)."""
 
 
 class MasumiAuthor(StrictSerializer):

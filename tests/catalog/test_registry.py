@@ -186,6 +186,8 @@ def test_another_network_is_wrong_network(seller, seller_api):
     ({"apiBaseUrl": "ftp://example.com/agent"}, ("apiBaseUrl",), "invalid_url_scheme"),
     ({"apiBaseUrl": "https://example.com/agent?key=1"}, ("apiBaseUrl",), "invalid_base_url"),  # /start_job after it
     ({"Capability": {"name": "x"}}, ("Capability", "version"), "required"),
+    # The catalog keeps a capability's version in 100 characters: a longer one was a 500 (the column's DataError).
+    ({"Capability": {"name": "x", "version": "1" * 101}}, ("Capability", "version"), "max_length"),
     ({"Author": {"contactEmail": "a@example.com"}}, ("Author", "name"), "required"),
     ({"Author": {"name": "A", "contactEmail": "not-an-email"}}, ("Author", "contactEmail"), "invalid"),
     ({"ExampleOutputs": [{"name": "x", "url": "nope", "mimeType": "text/plain"}]},
