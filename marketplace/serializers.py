@@ -143,12 +143,26 @@ def json_size_bounded(value, *, limit: int, encoder: type[json.JSONEncoder] | No
 UNKNOWN_FIELDS_NAMED = 20
 
 
+def _refuse_repeated_parameters(serializer: serializers.Serializer, query: QueryDict) -> None:
+    """A query parameter given more than once, other than a list's, is refused (`duplicate_key`, as a JSON key given
+    twice): DRF reads the last, where a proxy, a log or a WAF reads the first."""
+    repeated = heapq.nsmallest(UNKNOWN_FIELDS_NAMED, (
+        name for name, values in query.lists() if len(values) > 1 and name in serializer.fields
+        and not isinstance(serializer.fields[name], serializers.ListField | serializers.MultipleChoiceField)))
+    if repeated:
+        raise serializers.ValidationError({name: [serializers.ErrorDetail(
+            "Given more than once: give it once.", code="duplicate_key")] for name in repeated})
+
+
 class StrictSerializer(TextOnlySerializer):
-    """Rejects fields it does not know: a typo in a payment request must not be silently ignored. Text fields take
-    JSON strings only (`TextOnlySerializer`). The first UNKNOWN_FIELDS_NAMED unknown fields (in sorted order) are
-    named; beyond, `non_field_errors` says how many there were (`too_many_unknown_fields`)."""
+    """Rejects fields it does not know: a typo in a payment request must not be silently ignored, nor a query
+    parameter given twice read as one of its values. Text fields take JSON strings only (`TextOnlySerializer`). The
+    first UNKNOWN_FIELDS_NAMED unknown fields (in sorted order) are named; beyond, `non_field_errors` says how many
+    there were (`too_many_unknown_fields`)."""
 
     def to_internal_value(self, data):
+        if isinstance(data, QueryDict):
+            _refuse_repeated_parameters(self, data)
         if isinstance(data, dict):
             unknown = set(data).difference(self.fields)
             if unknown:

@@ -7,7 +7,7 @@ import pytest
 
 from catalog.models import Service
 from escrow.models import MasumiPaymentRequest, MasumiPurchase
-from tests.conftest import error_code
+from tests.conftest import codes_at, error_code
 from tests.escrow import test_masumi_node
 from tests.escrow.flow import deadline_clock
 
@@ -111,3 +111,22 @@ def test_an_identifier_from_purchaser_shown_to_the_other_party_is_refused_with_i
         assert refused.status_code == 400 and error_code(refused) == "unsafe_characters", (path, refused.content)
         assert refused.json()["error"]["details"]["fields"] == ["identifierFromPurchaser"], refused.content
     assert (MasumiPurchase.objects.count(), MasumiPaymentRequest.objects.count()) == before
+
+
+def test_a_query_parameter_given_twice_is_400_not_read_as_its_last_value(parties):
+    """A query string's parameter given twice was read as its last value (`network=Mainnet&network=Preprod` answered
+    for Preprod, `limit=0&limit=1` listed; the Pægents SDK's `status` filter alike): what a proxy or a log reads of the request (its first) was not what was
+    answered, as with a JSON key given twice (400 `duplicate_key`). Refused alike, naming the parameter."""
+    seller = parties.seller_account.address
+    for api, path, query, name in [
+            (parties.buyer_api, "/purchase", "network=Mainnet&network=Preprod", "network"),
+            (parties.seller_api, "/payment", "network=Preprod&limit=0&limit=1", "limit"),
+            (parties.buyer_api, "/registry", f"network=Preprod&walletVKey=0x{'1' * 40}&walletVKey={seller}",
+             "walletVKey"),
+            (parties.buyer_api, "/payment-information",
+             f"agentIdentifier={uuid.uuid4()}&agentIdentifier={parties.service.pk}", "agentIdentifier"),
+            (parties.buyer_api, "/usage-agreements", "status=active&status=proposed", "status")]:  # the Pægents SDK's
+        response = api.client.get(f"{path}?{query}")
+        assert codes_at(response, name) == {"duplicate_key"}, (path, response.content[:300])
+    listed = parties.buyer_api.client.get("/purchase?network=Preprod&includeHistory=true&limit=1")
+    assert listed.status_code == 200, listed.content
