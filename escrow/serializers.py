@@ -2,6 +2,7 @@ import json
 
 from rest_framework import serializers
 
+from marketplace import shown_text
 from marketplace.serializers import MAX_AMOUNT, AtomicAmountField, StrictIntegerField, StrictSerializer
 
 
@@ -132,6 +133,13 @@ class EscrowStatusSerializer(serializers.Serializer):
     onchain = serializers.DictField(allow_null=True, help_text="The contract's record, with ?verify=true.")
 
 
+def _shown_prose(value: str, *, field: str) -> str:
+    """A dispute's reason (the agreement's `status_reason`, which the seller reads) or evidence (the arbiter's), as
+    written: control and invisible format characters are refused (`unsafe_characters`)."""
+    shown_text.refuse_unsafe(value, field=field, prose=True)
+    return value
+
+
 class DisputeSerializer(StrictSerializer):
     """The Pægents SDK's dispute (`reason`, `evidence`), plus what the on-chain challenge needs: the buyer wallet's
     signature of the Challenge typed data (GET .../challenge-package)."""
@@ -142,14 +150,17 @@ class DisputeSerializer(StrictSerializer):
     deadline = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT, required=False)
     signature = _signature(required=False)
 
+    def validate_reason(self, value):
+        return _shown_prose(value, field="reason")
+
     def validate_evidence(self, value):
         if isinstance(value, str):
             # As POST .../challenge: kept on the challenge and the dispute, so bounded.
             if len(value) > 5000:
                 raise serializers.ValidationError("Ensure this field has no more than 5000 characters.",
                                                   code="max_length")
-            return value
-        return json.dumps(value, sort_keys=True)[:5000]
+            return _shown_prose(value, field="evidence")
+        return json.dumps(value, sort_keys=True)[:5000]  # ASCII: every character escaped
 
 
 class DepositParamsSerializer(serializers.Serializer):
@@ -199,6 +210,12 @@ class ChallengeSerializer(StrictSerializer):
     evidence = serializers.CharField(max_length=5000, required=False, allow_blank=True, default="")
     deadline = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT)
     signature = _signature()
+
+    def validate_reason(self, value):
+        return _shown_prose(value, field="reason")
+
+    def validate_evidence(self, value):
+        return _shown_prose(value, field="evidence")
 
 
 class ResolveSerializer(StrictSerializer):

@@ -536,3 +536,26 @@ def test_a_dispute_of_a_re_proposal_mined_before_the_challenge_shows_the_amount_
     assert agreement.proposed_seq == 3
     assert agreement.proposed_amount == 60_000
     call_command("reconcile")
+
+
+@pytest.mark.parametrize(("path", "field", "value"), [
+    ("challenge", "reason", "the last call\u202e answered nothing"), ("dispute", "reason", "the last call\u200b failed"),
+    ("challenge", "evidence", "call 3\x1b[2J"), ("dispute", "evidence", "call 3\u2066")],
+    ids=["challenge-reason-bidi", "dispute-reason-zero-width", "challenge-evidence-escape", "dispute-evidence-isolate"])
+def test_a_disputes_reason_shown_to_the_seller_is_refused_with_control_or_invisible_format_characters(
+        funded, escrow_chain, django_capture_on_commit_callbacks, path, field, value):  # noqa: F811
+    """The buyer's reason becomes the agreement's `status_reason`, which the seller reads (its agreement, webhooks,
+    inbox), and the evidence is kept for the arbiter: with a bidi override, a zero-width space or a terminal escape
+    they read otherwise than written, where a rejection's or a completion's reason is refused. 400
+    `unsafe_characters` naming the field, nothing queued; prose keeps its lines. (Evidence given as an object is kept
+    as its JSON, escaped.)"""
+    body = challenge_of_an_indexed_proposal(funded, escrow_chain, django_capture_on_commit_callbacks)
+    with django_capture_on_commit_callbacks(execute=True):
+        refused = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/{path}", {**body, field: value})
+    assert refused.status_code == 400 and error_code(refused) == "unsafe_characters", refused.content
+    assert refused.json()["error"]["details"]["fields"] == [field], refused.content
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE).exists()
+    with django_capture_on_commit_callbacks(execute=True):
+        kept = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/{path}",
+                                     {**body, "reason": "the last call\nanswered nothing", "evidence": "call\t3"})
+    assert kept.status_code == 202, kept.content
