@@ -99,6 +99,15 @@ class ProposalSerializer(StrictSerializer):
                   "transferWithAuthorization of quantity × unit price from the buyer's wallet to the seller's.")
     fee_permit = FeePermitSerializer(required=False, help_text="direct_payment only: the fee permit.")
 
+    def validate_note(self, value):
+        """Shown to the seller (the agreement's note) as written."""
+        shown_text.refuse_unsafe(value, field="note", prose=True)
+        return value
+
+    def validate_service_description(self, value):
+        shown_text.refuse_unsafe(value, field="service_description", prose=True)
+        return value
+
     def validate(self, attrs):
         attrs["settlement_model"] = SETTLEMENT_MODEL_ALIASES.get(attrs["settlement_model"], attrs["settlement_model"])
         for ours, theirs in (("note", "service_description"), ("expires_at", "expires_in_seconds")):

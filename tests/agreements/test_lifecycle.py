@@ -127,6 +127,22 @@ def test_a_rejection_reason_shown_to_the_buyer_is_refused_with_invisible_format_
     assert UsageAgreement.objects.get(pk=agreement["id"]).status == "proposed"
 
 
+@pytest.mark.parametrize(("field", "value"), [("note", "for \u202etest"), ("service_description", "q3\u200b report"),
+                                              ("note", "urgent\x1b[31m")], ids=["note-bidi", "paegents-zero-width",
+                                                                                 "note-escape"])
+def test_a_proposals_note_shown_to_the_seller_is_refused_with_control_or_invisible_format_characters(
+        buyer_api, service, field, value):
+    """A proposal's `note` (the Pægents SDK's `service_description`) is what the seller reads of the buyer's order
+    before it accepts: with a bidi override, a zero-width space or a terminal escape it read otherwise than written,
+    where the seller's rejection reason is refused. 400 `unsafe_characters` naming the field, nothing proposed."""
+    refused = buyer_api.post("/usage-agreements", proposal(service, **{field: value}))
+    assert refused.status_code == 400 and error_code(refused) == "unsafe_characters", refused.content
+    assert refused.json()["error"]["details"]["fields"] == [field], refused.content
+    assert not UsageAgreement.objects.exists()
+    kept = propose(buyer_api, service, note="two lines:\nfor the q3 report")
+    assert kept["note"] == "two lines:\nfor the q3 report"
+
+
 def test_buyer_cancels_before_activation_but_not_after(buyer_api, seller_api, service):
     agreement = propose(buyer_api, service)
     seller_api.put(f"/usage-agreements/{agreement['id']}/accept")
