@@ -133,6 +133,9 @@ class EscrowStatusSerializer(serializers.Serializer):
     onchain = serializers.DictField(allow_null=True, help_text="The contract's record, with ?verify=true.")
 
 
+EVIDENCE_MAX_CHARACTERS = 5000
+
+
 def _shown_prose(value: str, *, field: str) -> str:
     """A dispute's reason (the agreement's `status_reason`, which the seller reads) or evidence (the arbiter's), as
     written: control and invisible format characters are refused (`unsafe_characters`)."""
@@ -154,13 +157,14 @@ class DisputeSerializer(StrictSerializer):
         return _shown_prose(value, field="reason")
 
     def validate_evidence(self, value):
-        if isinstance(value, str):
-            # As POST .../challenge: kept on the challenge and the dispute, so bounded.
-            if len(value) > 5000:
-                raise serializers.ValidationError("Ensure this field has no more than 5000 characters.",
-                                                  code="max_length")
-            return _shown_prose(value, field="evidence")
-        return json.dumps(value, sort_keys=True)[:5000]  # ASCII: every character escaped
+        # As POST .../challenge: kept on the challenge and the dispute, so bounded; an object as its JSON, whole
+        # (ASCII: every character escaped), never cut.
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        if len(text) > EVIDENCE_MAX_CHARACTERS:
+            raise serializers.ValidationError(
+                f"Ensure this field has no more than {EVIDENCE_MAX_CHARACTERS} characters (an object: of its JSON).",
+                code="max_length")
+        return _shown_prose(text, field="evidence")
 
 
 class DepositParamsSerializer(serializers.Serializer):
@@ -207,7 +211,7 @@ class ChallengePackageSerializer(serializers.Serializer):
 
 class ChallengeSerializer(StrictSerializer):
     reason = serializers.CharField(max_length=500)
-    evidence = serializers.CharField(max_length=5000, required=False, allow_blank=True, default="")
+    evidence = serializers.CharField(max_length=EVIDENCE_MAX_CHARACTERS, required=False, allow_blank=True, default="")
     deadline = StrictIntegerField(min_value=0, max_value=MAX_AMOUNT)
     signature = _signature()
 

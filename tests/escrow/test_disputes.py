@@ -4,6 +4,7 @@ challenge mined first, the window's last second; and a settlement tick that goes
 chain read."""
 
 import io
+import json
 
 import pytest
 from django.core.management import call_command
@@ -13,7 +14,7 @@ from escrow import chain as gateway
 from escrow import relayer, selectors, settlement
 from escrow.models import ChainEvent, ChainTransaction, EventEffect, TxPurpose, TxStatus
 from sdk.typed_data import sign_typed_data
-from tests.conftest import error_code
+from tests.conftest import codes_at, error_code
 from tests.escrow.conftest import escrow_terms
 from tests.escrow.flow import confirm_all, mined_what_was_sent
 from tests.escrow.test_indexer import call_n, funded, index, seller_proposes_directly, statuses  # noqa: F401
@@ -559,3 +560,21 @@ def test_a_disputes_reason_shown_to_the_seller_is_refused_with_control_or_invisi
         kept = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/{path}",
                                      {**body, "reason": "the last call\nanswered nothing", "evidence": "call\t3"})
     assert kept.status_code == 202, kept.content
+
+
+def test_a_disputes_evidence_object_too_long_to_keep_is_refused_not_cut(
+        funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
+    """Evidence given as an object (the Pægents SDK's `evidence` dict) was kept as the first 5000 characters of its
+    JSON, cut mid-value: the arbiter read a part of it as the whole. Refused as a text of that length is (400
+    `max_length`), nothing queued; one that fits is kept whole."""
+    body = challenge_of_an_indexed_proposal(funded, escrow_chain, django_capture_on_commit_callbacks)
+    refused = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/dispute",
+                                    {**body, "evidence": {"calls": ["no answer"] * 500}})
+    assert codes_at(refused, "evidence") == {"max_length"}, refused.content
+    assert not ChainTransaction.objects.filter(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE).exists()
+    with django_capture_on_commit_callbacks(execute=True):
+        kept = funded.buyer_api.post(f"/usage-agreements/{funded.agreement_id}/dispute",
+                                     {**body, "evidence": {"calls": ["no answer"] * 3}})
+    assert kept.status_code == 202, kept.content
+    challenge = ChainTransaction.objects.get(agreement_id=funded.agreement_id, purpose=TxPurpose.CHALLENGE)
+    assert json.loads(challenge.context["evidence"]) == {"calls": ["no answer"] * 3}
