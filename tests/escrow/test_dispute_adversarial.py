@@ -55,8 +55,8 @@ def test_the_arbiter_sees_the_evidence_of_a_challenge_the_indexer_applied_first(
 
 def test_a_disputes_evidence_as_text_is_bounded_as_a_challenges_is(
         funded, escrow_chain, django_capture_on_commit_callbacks):  # noqa: F811
-    """POST .../challenge refuses evidence over 5000 characters; POST .../dispute (the Pægents SDK's shape) cut an
-    object's to that but kept any text whole, stored on the challenge and the dispute for the arbiter."""
+    """POST .../challenge refuses evidence over 5000 characters; POST .../dispute (the Pægents SDK's shape) kept any
+    text whole, stored on the challenge and the dispute for the arbiter (an object's JSON: test_disputes.py)."""
     from escrow.models import ChainTransaction, TxPurpose
 
     funded.onchain_id = UsageAgreement.objects.get(pk=funded.agreement_id).onchain_id
