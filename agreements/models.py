@@ -621,6 +621,9 @@ class WebhookDelivery(models.Model):
     # When the retry sweep last queued its message; cleared as a worker takes it. The sweep queues it again only once
     # that message may be lost (WEBHOOK_REQUEUE_AFTER_SECONDS), not on every run while it waits in the queue.
     queued_at = models.DateTimeField(null=True, blank=True)
+    # How many times it was put off, its host's or owner's share in flight taken (not attempts): each put-off waits
+    # twice the last, up to WEBHOOK_PUT_OFF_MAX_SECONDS. A replay starts it afresh.
+    put_offs = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at"]

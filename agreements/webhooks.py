@@ -259,8 +259,8 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
 
     Shared fairly: an attempt is made only while its receiving host and its subscription's owner each have fewer
     than their share of attempts in flight (WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST, _PER_OWNER; marketplace.outbound_slots);
-    otherwise it is put off by OUTBOUND_PUT_OFF_SECONDS or up to twice that (not counted as an attempt), so that
-    receivers that never answer hold no more than those shares of the outbound workers.
+    otherwise it is put off (not counted as an attempt; `_put_off_seconds`), so that receivers that never answer hold
+    no more than those shares of the outbound workers.
 
     The attempt is claimed first and committed: `attempts` counts it and `next_attempt_at` moves past the post's
     timeout (a lease), so no other worker sends it meanwhile. The outcome is written only while that claim is
@@ -274,6 +274,14 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
 def _shares(subscription: WebhookSubscription) -> list[tuple[str, int]]:
     return [(f"webhook-host:{outbound_slots.host_of(subscription.url)}", settings.WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST),
             (f"webhook-owner:{subscription.agent.owner_id}", settings.WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER)]
+
+
+def _put_off_seconds(put_offs: int) -> float:
+    """OUTBOUND_PUT_OFF_SECONDS doubled with each put-off before, up to WEBHOOK_PUT_OFF_MAX_SECONDS; then up to
+    twice that, jittered so that those put off together do not come back together. Receivers holding their share
+    for hours do not make each delivery behind them a task every few seconds for as long."""
+    wait = min(settings.OUTBOUND_PUT_OFF_SECONDS * 2 ** min(put_offs, 32), settings.WEBHOOK_PUT_OFF_MAX_SECONDS)
+    return wait * _jitter.uniform(1, 2)
 
 
 def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None:
@@ -300,10 +308,11 @@ def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None
             delivery.save(update_fields=["status", "last_error"])
             return delivery
         if not slots.enter_context(outbound_slots.held(_shares(delivery.subscription), lease_seconds=lease_seconds)):
-            delay = settings.OUTBOUND_PUT_OFF_SECONDS * _jitter.uniform(1, 2)
+            delay = _put_off_seconds(delivery.put_offs)
             # Its message queued again: the sweep does not queue another while it waits.
             delivery.next_attempt_at, delivery.queued_at = now + timedelta(seconds=delay), now
-            delivery.save(update_fields=["next_attempt_at", "queued_at"])
+            delivery.put_offs += 1
+            delivery.save(update_fields=["next_attempt_at", "queued_at", "put_offs"])
             _send_after_commit(delivery.pk, countdown=delay)
             return delivery
         delivery.attempts += 1
@@ -384,7 +393,7 @@ def delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
                            code="webhook_subscription_deleted")
         ended = WebhookDelivery.objects.filter(pk=delivery.pk,
                                                status__in=[DeliveryStatus.DELIVERED, DeliveryStatus.FAILED])
-        if not ended.update(status=DeliveryStatus.PENDING, next_attempt_at=timezone.now(), attempts=0):
+        if not ended.update(status=DeliveryStatus.PENDING, next_attempt_at=timezone.now(), attempts=0, put_offs=0):
             raise Conflict("The delivery is still being tried; replay it once it is delivered or has failed.",
                            code="webhook_delivery_pending")
         _send_after_commit(delivery.pk)

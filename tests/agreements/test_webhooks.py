@@ -806,3 +806,31 @@ def test_a_paused_subscription_says_why_and_since_when(owner_api, buyer):
 
     resumed = owner_api.post(f"/agents/{buyer.pk}/webhooks/{by_key['id']}/resume").json()
     assert (resumed["paused"], resumed["paused_reason"], resumed["paused_at"]) == (False, None, None)
+
+
+def test_a_delivery_put_off_again_and_again_waits_longer_each_time_up_to_a_cap(
+        seller, settings, monkeypatch, django_capture_on_commit_callbacks):
+    """A delivery beyond its host's or owner's share in flight was put off 5 to 10 s, again and again, for as long
+    as the receivers holding the share kept it (a tenant's thousands of deliveries to receivers that never answer:
+    each a task, a transaction and a slot check every few seconds, for hours). Each put-off now waits twice the
+    last, up to WEBHOOK_PUT_OFF_MAX_SECONDS (then up to twice that, jittered), still not counted as an attempt; a
+    replay starts it afresh."""
+    settings.WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST, settings.OUTBOUND_PUT_OFF_SECONDS = 1, 5.0
+    settings.WEBHOOK_PUT_OFF_MAX_SECONDS = 300
+    subscription = WebhookSubscription.objects.create(agent=seller, url="https://receiver.example.com/h", secret="s")
+    delivery = WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.accepted",
+                                              payload={"id": "evt_1"}, next_attempt_at=timezone.now())
+    countdowns = []
+    monkeypatch.setattr(deliver_webhook, "apply_async", lambda args, countdown=0, **_: countdowns.append(countdown))
+    with webhooks.outbound_slots.held(webhooks._shares(subscription), lease_seconds=60) as held:  # never answering
+        assert held
+        for _ in range(10):
+            WebhookDelivery.objects.filter(pk=delivery.pk).update(next_attempt_at=timezone.now())
+            with django_capture_on_commit_callbacks(execute=True):
+                deliver_webhook(str(delivery.pk))
+
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts, len(countdowns)) == (DeliveryStatus.PENDING, 0, 10)
+    assert all(5 * 2 ** n <= wait <= 10 * 2 ** n for n, wait in enumerate(countdowns[:6])), countdowns
+    assert all(300 <= wait <= 600 for wait in countdowns[6:]), countdowns
+    assert delivery.next_attempt_at >= timezone.now() + timedelta(seconds=290)
