@@ -618,8 +618,9 @@ class WebhookDelivery(models.Model):
     last_error = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
-    # When the retry sweep last queued its message; cleared as a worker takes it. The sweep queues it again only once
-    # that message may be lost (WEBHOOK_REQUEUE_AFTER_SECONDS), not on every run while it waits in the queue.
+    # When its queued message is due (the retry sweep's at once; a retry's or a put-off's after its countdown);
+    # cleared as a worker takes it. The sweep queues it again only once that message may be lost
+    # (WEBHOOK_REQUEUE_AFTER_SECONDS past this), not on every run while it waits in the queue.
     queued_at = models.DateTimeField(null=True, blank=True)
     # How many times it was put off, its host's or owner's share in flight taken (not attempts): each put-off waits
     # twice the last, up to WEBHOOK_PUT_OFF_MAX_SECONDS. A replay starts it afresh.

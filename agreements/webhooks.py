@@ -309,8 +309,8 @@ def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None
             return delivery
         if not slots.enter_context(outbound_slots.held(_shares(delivery.subscription), lease_seconds=lease_seconds)):
             delay = _put_off_seconds(delivery.put_offs)
-            # Its message queued again: the sweep does not queue another while it waits.
-            delivery.next_attempt_at, delivery.queued_at = now + timedelta(seconds=delay), now
+            # Its message queued again, due then: the sweep queues no other unless that one is lost.
+            delivery.next_attempt_at = delivery.queued_at = now + timedelta(seconds=delay)
             delivery.put_offs += 1
             delivery.save(update_fields=["next_attempt_at", "queued_at", "put_offs"])
             _send_after_commit(delivery.pk, countdown=delay)
@@ -356,7 +356,8 @@ def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None
             delivery.status = DeliveryStatus.FAILED
         else:
             delay = _BACKOFF_BASE_SECONDS * 2 ** (delivery.attempts - 1)
-            delivery.next_attempt_at = timezone.now() + timedelta(seconds=delay)
+            # Its retry's message is queued, due then: the sweep queues no other unless that one is lost.
+            delivery.next_attempt_at = delivery.queued_at = timezone.now() + timedelta(seconds=delay)
             _send_after_commit(delivery.pk, countdown=delay)
         delivery.save()
     return delivery
@@ -364,9 +365,10 @@ def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None
 
 def deliveries_retry_due(*, now: datetime | None = None) -> int:
     """Re-enqueue due deliveries whose task message was lost (worker killed, broker restarted), the longest due first,
-    RETRY_SWEEP_BATCH a run. One this sweep queued is queued again only once no worker took its message within
-    WEBHOOK_REQUEUE_AFTER_SECONDS: while the outbound queue is behind, each run added the same deliveries to it
-    again, and took the same first rows each time."""
+    RETRY_SWEEP_BATCH a run. One whose message is queued (by this sweep, or with a countdown: a retry, a put-off)
+    is queued again only once no worker took that message within WEBHOOK_REQUEUE_AFTER_SECONDS of its due time:
+    while the outbound queue is behind, each run added the same deliveries to it again, and took the same first rows
+    each time; and each retry falling due was queued twice, by its countdown and by the sweep."""
     now = now or timezone.now()
     due = (WebhookDelivery.objects.filter(_TAKEN, status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
            .filter(Q(queued_at=None)

@@ -72,7 +72,7 @@ def test_failed_deliveries_are_retried_with_backoff(buyer_api, seller_api, servi
 
     assert retry_due_webhooks() == 0  # not due yet
     for expected_attempts in (2, 3):
-        WebhookDelivery.objects.update(next_attempt_at=timezone.now())
+        WebhookDelivery.objects.update(next_attempt_at=timezone.now(), queued_at=None)  # its message lost
         with django_capture_on_commit_callbacks(execute=True):
             retry_due_webhooks()
         delivery.refresh_from_db()
@@ -88,7 +88,7 @@ def test_delivery_gives_up_after_max_attempts(buyer_api, seller_api, service, se
     subscribe(seller_api, "http://127.0.0.1:9/unreachable")
     with django_capture_on_commit_callbacks(execute=True):
         buyer_api.post("/usage-agreements", proposal(service))
-    WebhookDelivery.objects.update(next_attempt_at=timezone.now())
+    WebhookDelivery.objects.update(next_attempt_at=timezone.now(), queued_at=None)  # its message lost
     with django_capture_on_commit_callbacks(execute=True):
         retry_due_webhooks()
     delivery = WebhookDelivery.objects.get()
@@ -122,7 +122,7 @@ def test_a_deleted_or_paused_subscription_gets_none_of_its_pending_retries(
     else:
         paused = seller_api.post(f"/agents/{seller.pk}/webhooks/{subscription['id']}/pause")
         assert paused.status_code == 200, paused.content
-    WebhookDelivery.objects.update(next_attempt_at=timezone.now())
+    WebhookDelivery.objects.update(next_attempt_at=timezone.now(), queued_at=None)  # its message lost
     with django_capture_on_commit_callbacks(execute=True):
         assert retry_due_webhooks() == 0
     webhooks.delivery_attempt(delivery_id=delivery.pk)  # a task queued before: it sends nothing either
@@ -422,7 +422,7 @@ def test_a_test_send_adds_no_post_to_a_subscription_whose_last_test_is_still_bei
     assert again.status_code == 202 and again.json() == []
     assert len(http_server.requests) == 1 and WebhookDelivery.objects.count() == 1
 
-    WebhookDelivery.objects.update(next_attempt_at=timezone.now())
+    WebhookDelivery.objects.update(next_attempt_at=timezone.now(), queued_at=None)  # its message lost
     with django_capture_on_commit_callbacks(execute=True):
         retry_due_webhooks()  # delivered: the next test send goes out
         assert len(seller_api.post(f"/agents/{seller.pk}/webhooks/test").json()) == 1
@@ -834,3 +834,26 @@ def test_a_delivery_put_off_again_and_again_waits_longer_each_time_up_to_a_cap(
     assert all(5 * 2 ** n <= wait <= 10 * 2 ** n for n, wait in enumerate(countdowns[:6])), countdowns
     assert all(300 <= wait <= 600 for wait in countdowns[6:]), countdowns
     assert delivery.next_attempt_at >= timezone.now() + timedelta(seconds=290)
+    swept = []  # its message comes back when it is due: the sweep adds none beside it until that may be lost
+    monkeypatch.setattr(deliver_webhook, "delay", swept.append)
+    assert webhooks.deliveries_retry_due(now=delivery.next_attempt_at + timedelta(seconds=1)) == 0
+    lost = delivery.next_attempt_at + timedelta(seconds=settings.WEBHOOK_REQUEUE_AFTER_SECONDS + 1)
+    assert webhooks.deliveries_retry_due(now=lost) == 1
+
+
+def test_a_failed_attempts_retry_is_queued_once_not_again_by_the_sweep_as_it_falls_due(
+        buyer_api, seller_api, service, http_server, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """A failed attempt queues its retry with the backoff as countdown; the sweep (every 30 s) queued it again as
+    it fell due, its message not lost but about to run: two messages for each retry of every failing delivery. The
+    sweep adds one only once the retry's message may be lost (WEBHOOK_REQUEUE_AFTER_SECONDS past its due time)."""
+    subscribe(seller_api, http_server.url, event_types=["agreement.proposed"])
+    http_server.responses.append((500, {}))
+    with django_capture_on_commit_callbacks(execute=True):
+        buyer_api.post("/usage-agreements", proposal(service))
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, 1)
+    swept = []
+    monkeypatch.setattr(deliver_webhook, "delay", swept.append)
+    assert webhooks.deliveries_retry_due(now=delivery.next_attempt_at + timedelta(seconds=1)) == 0
+    lost = delivery.next_attempt_at + timedelta(seconds=settings.WEBHOOK_REQUEUE_AFTER_SECONDS + 1)
+    assert webhooks.deliveries_retry_due(now=lost) == 1
