@@ -33,7 +33,6 @@ held -> paying_out | refunding change.
 
 import logging
 import math
-import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from agreements import x402_protocol
@@ -68,7 +67,6 @@ SettlementHandler = Callable[[SkillInvocation], None]
 _settlement_handler: list[SettlementHandler] = []
 
 # Seller URLs are chosen by sellers: every connection passes the SSRF guard. Each call passes the skill's timeout.
-_jitter = secrets.SystemRandom()  # spreads put-off runs, so they do not come back all at once
 _client = outbound.guarded_client(timeout=httpx.Timeout(30.0, connect=5.0),
                                   limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
 
@@ -473,8 +471,8 @@ def call_shares(invocation: SkillInvocation) -> list[tuple[str, int]]:
 
 def invocation_run_in_worker(*, invocation_id) -> SkillInvocation:
     """An outbound worker's run (`invocation_run`), made only while the seller's host and the seller's owner each
-    have fewer than their share of calls in flight (call_shares); otherwise put off by OUTBOUND_PUT_OFF_SECONDS or up
-    to twice that, still pending: a seller whose skill never answers holds at most those shares of the outbound
+    have fewer than their share of calls in flight (call_shares); otherwise put off (`outbound_slots.put_off_seconds`),
+    still pending: a seller whose skill never answers holds at most those shares of the outbound
     workers for its timeout each, not every worker while other sellers' buyers wait."""
     invocation = SkillInvocation.objects.select_related("skill__service", "seller").get(pk=invocation_id)
     if invocation.status != Status.PENDING or invocation.money != Money.HELD:
@@ -485,9 +483,10 @@ def invocation_run_in_worker(*, invocation_id) -> SkillInvocation:
             return invocation_run(invocation_id=invocation_id)
     from agreements.tasks import run_invocation
 
-    delay = settings.OUTBOUND_PUT_OFF_SECONDS * _jitter.uniform(1, 2)
-    # Its message is queued: the sweep does not queue another meanwhile.
-    SkillInvocation.objects.filter(pk=invocation_id, status=Status.PENDING).update(queued_at=timezone.now())
+    delay = outbound_slots.put_off_seconds(invocation.put_offs)
+    # Its message is queued, due then: the sweep does not queue another unless that one is lost.
+    SkillInvocation.objects.filter(pk=invocation_id, status=Status.PENDING).update(
+        queued_at=timezone.now() + timedelta(seconds=delay), put_offs=F("put_offs") + 1)
     run_invocation.apply_async((str(invocation_id),), countdown=delay)
     return invocation
 

@@ -623,7 +623,7 @@ class WebhookDelivery(models.Model):
     # (WEBHOOK_REQUEUE_AFTER_SECONDS past this), not on every run while it waits in the queue.
     queued_at = models.DateTimeField(null=True, blank=True)
     # How many times it was put off, its host's or owner's share in flight taken (not attempts): each put-off waits
-    # twice the last, up to WEBHOOK_PUT_OFF_MAX_SECONDS. A replay starts it afresh.
+    # twice the last, up to OUTBOUND_PUT_OFF_MAX_SECONDS. A replay starts it afresh.
     put_offs = models.PositiveIntegerField(default=0)
 
     class Meta:
@@ -730,9 +730,13 @@ class SkillInvocation(PaymentReversal):
                                          "treasury holds nothing for this invocation (a payout or refund it made "
                                          "came from its own funds).")
     updated_at = models.DateTimeField(auto_now=True)
-    # When the sweep last queued its run (a paid invocation whose caller went away): queued again only once that
-    # message may be lost (INVOCATION_ORPHAN_AFTER), not on every run while it waits in the queue.
+    # When its queued run is due (the sweep's, for a paid invocation whose caller went away, at once; a put-off's
+    # after its countdown): queued again only once that message may be lost (INVOCATION_ORPHAN_AFTER past this), not
+    # on every run while it waits in the queue.
     queued_at = models.DateTimeField(null=True, blank=True)
+    # How many times its run was put off, its seller's shares of calls in flight taken: each waits twice the last,
+    # up to OUTBOUND_PUT_OFF_MAX_SECONDS (`outbound_slots.put_off_seconds`).
+    put_offs = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at"]

@@ -41,7 +41,6 @@ from sdk import webhook_signature
 _BACKOFF_BASE_SECONDS = 10
 RETRY_SWEEP_BATCH = 500  # due deliveries the retry sweep queues a run
 _LEASE_MARGIN_SECONDS = 30  # a claimed delivery is not sent by anyone else for its post's timeout plus this
-_jitter = secrets.SystemRandom()  # spreads put-off attempts, so they do not come back all at once
 _client = outbound.guarded_client(timeout=httpx.Timeout(10.0))  # each post passes WEBHOOK_TIMEOUT_SECONDS
 
 
@@ -259,7 +258,7 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
 
     Shared fairly: an attempt is made only while its receiving host and its subscription's owner each have fewer
     than their share of attempts in flight (WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST, _PER_OWNER; marketplace.outbound_slots);
-    otherwise it is put off (not counted as an attempt; `_put_off_seconds`), so that receivers that never answer hold
+    otherwise it is put off (not counted as an attempt; `outbound_slots.put_off_seconds`), so that receivers that never answer hold
     no more than those shares of the outbound workers.
 
     The attempt is claimed first and committed: `attempts` counts it and `next_attempt_at` moves past the post's
@@ -274,14 +273,6 @@ def delivery_attempt(*, delivery_id) -> WebhookDelivery | None:
 def _shares(subscription: WebhookSubscription) -> list[tuple[str, int]]:
     return [(f"webhook-host:{outbound_slots.host_of(subscription.url)}", settings.WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST),
             (f"webhook-owner:{subscription.agent.owner_id}", settings.WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER)]
-
-
-def _put_off_seconds(put_offs: int) -> float:
-    """OUTBOUND_PUT_OFF_SECONDS doubled with each put-off before, up to WEBHOOK_PUT_OFF_MAX_SECONDS; then up to
-    twice that, jittered so that those put off together do not come back together. Receivers holding their share
-    for hours do not make each delivery behind them a task every few seconds for as long."""
-    wait = min(settings.OUTBOUND_PUT_OFF_SECONDS * 2 ** min(put_offs, 32), settings.WEBHOOK_PUT_OFF_MAX_SECONDS)
-    return wait * _jitter.uniform(1, 2)
 
 
 def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None:
@@ -308,7 +299,7 @@ def _attempt(delivery_id, slots: contextlib.ExitStack) -> WebhookDelivery | None
             delivery.save(update_fields=["status", "last_error"])
             return delivery
         if not slots.enter_context(outbound_slots.held(_shares(delivery.subscription), lease_seconds=lease_seconds)):
-            delay = _put_off_seconds(delivery.put_offs)
+            delay = outbound_slots.put_off_seconds(delivery.put_offs)
             # Its message queued again, due then: the sweep queues no other unless that one is lost.
             delivery.next_attempt_at = delivery.queued_at = now + timedelta(seconds=delay)
             delivery.put_offs += 1

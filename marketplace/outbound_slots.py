@@ -80,3 +80,15 @@ def _take(share: str, limit: int, token: str, timeout: int, taken: list[str]) ->
             taken.append(key)
             return True
     return False
+
+
+_jitter = secrets.SystemRandom()  # spreads put-off attempts, so they do not come back all at once
+
+
+def put_off_seconds(put_offs: int) -> float:
+    """How long an attempt beyond its shares waits, put off `put_offs` times before: OUTBOUND_PUT_OFF_SECONDS doubled
+    with each, up to OUTBOUND_PUT_OFF_MAX_SECONDS; then up to twice that, jittered so that those put off together do
+    not come back together. Receivers and sellers holding their shares for hours (a skill's limit is up to one) made
+    each attempt behind them a task, a transaction and a slot check every few seconds for as long."""
+    wait = min(settings.OUTBOUND_PUT_OFF_SECONDS * 2 ** min(put_offs, 32), settings.OUTBOUND_PUT_OFF_MAX_SECONDS)
+    return wait * _jitter.uniform(1, 2)

@@ -381,10 +381,11 @@ WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER = env.int("WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_O
 SELLER_CALLS_IN_FLIGHT_PER_HOST = env.int("SELLER_CALLS_IN_FLIGHT_PER_HOST", default=4)
 SELLER_CALLS_IN_FLIGHT_PER_OWNER = env.int("SELLER_CALLS_IN_FLIGHT_PER_OWNER", default=4)
 OUTBOUND_PUT_OFF_SECONDS = env.float("OUTBOUND_PUT_OFF_SECONDS", default=5.0)
-# A webhook delivery put off again and again waits twice as long each time, from OUTBOUND_PUT_OFF_SECONDS up to this
-# (then up to twice this, jittered): receivers holding their share for hours made each delivery waiting behind them a
-# task, a transaction and a slot check every few seconds. Keep twice it under the broker's visibility timeout.
-WEBHOOK_PUT_OFF_MAX_SECONDS = env.float("WEBHOOK_PUT_OFF_MAX_SECONDS", default=300.0)
+# An attempt put off again and again (a webhook delivery, a skill run) waits twice as long each time, from
+# OUTBOUND_PUT_OFF_SECONDS up to this (then up to twice this, jittered): receivers and sellers holding their shares
+# for hours made each attempt waiting behind them a task, a transaction and a slot check every few seconds. Keep
+# twice it under the broker's visibility timeout.
+OUTBOUND_PUT_OFF_MAX_SECONDS = env.float("OUTBOUND_PUT_OFF_MAX_SECONDS", default=300.0)
 # A due delivery the retry sweep queued is queued again only once no worker took that message within this (it may be
 # lost): not on every run while the outbound queue is behind.
 WEBHOOK_REQUEUE_AFTER_SECONDS = env.int("WEBHOOK_REQUEUE_AFTER_SECONDS", default=120)

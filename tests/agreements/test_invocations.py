@@ -2032,3 +2032,32 @@ def test_a_node_behind_the_chain_has_no_payment_expired_on_the_chain_relayed_to_
     assert response.json()["error"]["details"] == {"reason": "node_behind", "max_lag_seconds": 30}
     assert not ChainTransaction.objects.exists() and not RelayRevert.objects.exists()
     assert market.upstream.requests == [] and market.balances() == before
+
+
+def test_a_skill_run_put_off_again_and_again_waits_longer_each_time_up_to_a_cap(
+        market, monkeypatch, settings, django_capture_on_commit_callbacks):
+    """A run beyond its seller's shares in flight was queued again 5 to 10 s later, again and again, for as long as
+    the seller's calls under way held them (a skill's limit is up to an hour): each pending invocation a task, a
+    transaction and a slot check every few seconds all that time. Each put-off now waits twice the last, up to
+    OUTBOUND_PUT_OFF_MAX_SECONDS (then up to twice that, jittered), still pending; the sweep queues none beside it."""
+    settings.SELLER_CALLS_IN_FLIGHT_PER_HOST, settings.OUTBOUND_PUT_OFF_SECONDS = 1, 5.0
+    settings.OUTBOUND_PUT_OFF_MAX_SECONDS = 300
+    payment = market.pay("render")
+    countdowns = []
+    with monkeypatch.context() as patched:
+        patched.setattr(run_invocation, "delay", lambda *args: None)
+        patched.setattr(run_invocation, "apply_async", lambda args, countdown=0, **_: countdowns.append(countdown))
+        with django_capture_on_commit_callbacks(execute=True):
+            assert market.call("render", payment).status_code == 202
+        invocation = SkillInvocation.objects.select_related("skill__service", "seller").get()
+        countdowns.clear()
+        with outbound_slots.held(invocations.call_shares(invocation), lease_seconds=60) as held:
+            assert held  # the seller's calls under way, never answering
+            for _ in range(10):
+                with django_capture_on_commit_callbacks(execute=True):
+                    run_invocation(str(invocation.pk))
+    invocation.refresh_from_db()
+    assert (invocation.status, len(countdowns)) == ("pending", 10)
+    assert all(5 * 2 ** n <= wait <= 10 * 2 ** n for n, wait in enumerate(countdowns[:6])), countdowns
+    assert all(300 <= wait <= 600 for wait in countdowns[6:]), countdowns
+    assert invocations.invocations_sweep(now=timezone.now() + timedelta(seconds=290))["orphans"] == 0

@@ -813,10 +813,10 @@ def test_a_delivery_put_off_again_and_again_waits_longer_each_time_up_to_a_cap(
     """A delivery beyond its host's or owner's share in flight was put off 5 to 10 s, again and again, for as long
     as the receivers holding the share kept it (a tenant's thousands of deliveries to receivers that never answer:
     each a task, a transaction and a slot check every few seconds, for hours). Each put-off now waits twice the
-    last, up to WEBHOOK_PUT_OFF_MAX_SECONDS (then up to twice that, jittered), still not counted as an attempt; a
+    last, up to OUTBOUND_PUT_OFF_MAX_SECONDS (then up to twice that, jittered), still not counted as an attempt; a
     replay starts it afresh."""
     settings.WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST, settings.OUTBOUND_PUT_OFF_SECONDS = 1, 5.0
-    settings.WEBHOOK_PUT_OFF_MAX_SECONDS = 300
+    settings.OUTBOUND_PUT_OFF_MAX_SECONDS = 300
     subscription = WebhookSubscription.objects.create(agent=seller, url="https://receiver.example.com/h", secret="s")
     delivery = WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.accepted",
                                               payload={"id": "evt_1"}, next_attempt_at=timezone.now())

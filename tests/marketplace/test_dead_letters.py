@@ -37,7 +37,7 @@ def test_no_task_runs_or_waits_for_its_countdown_longer_than_the_brokers_visibil
     app.loader.import_default_modules()
     longest_run = max(task.time_limit or 0 for task in app.tasks.values())
     longest_countdown = max(webhooks._BACKOFF_BASE_SECONDS * 2 ** (settings.WEBHOOK_MAX_ATTEMPTS - 2),
-                            2 * settings.OUTBOUND_PUT_OFF_SECONDS, 2 * settings.WEBHOOK_PUT_OFF_MAX_SECONDS)
+                            2 * settings.OUTBOUND_PUT_OFF_SECONDS, 2 * settings.OUTBOUND_PUT_OFF_MAX_SECONDS)
     assert longest_run < visibility_timeout
     assert longest_countdown < visibility_timeout
 
