@@ -372,10 +372,10 @@ WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
 # Webhook attempts in flight at once per receiving host, and per owner of the subscribing agents (all its agents);
 # calls to sellers from outbound workers (skill runs, Masumi availability checks) per seller upstream host, and per
 # seller's owner. Counted across every outbound worker (marketplace.outbound_slots, in CACHES' default: Redis in
-# production; 0: no limit). One beyond a share is put off by OUTBOUND_PUT_OFF_SECONDS to twice that (a webhook attempt
-# not counted as one, an invocation still pending), an availability check skipped until the next poll. Keep them
-# under the outbound workers' slots (their processes times --concurrency): receivers and sellers that never answer
-# then hold no more of them than that.
+# production; 0: no limit). One beyond a share is put off by OUTBOUND_PUT_OFF_SECONDS to twice that, doubled at
+# each put-off after (a webhook attempt not counted as one, an invocation still pending), an availability check
+# skipped until the next poll. Keep them under the outbound workers' slots (their processes times --concurrency):
+# receivers and sellers that never answer then hold no more of them than that.
 WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST = env.int("WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_HOST", default=4)
 WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER = env.int("WEBHOOK_ATTEMPTS_IN_FLIGHT_PER_OWNER", default=4)
 SELLER_CALLS_IN_FLIGHT_PER_HOST = env.int("SELLER_CALLS_IN_FLIGHT_PER_HOST", default=4)

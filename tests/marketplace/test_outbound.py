@@ -184,6 +184,30 @@ def test_webhook_deliveries_are_checked_when_they_connect(settings, seller, sell
     assert "not allowed" in delivery.last_error and delivery.status == "pending"  # retried later, like any failure
 
 
+@pytest.mark.parametrize("host", ["localhost.", "2130706433", "0177.0.0.1", "0x7f.1", "127.1"])
+def test_a_webhook_saved_with_another_spelling_of_loopback_is_not_posted_to(settings, seller, http_server, host):
+    """Held (not a defect): spellings of loopback the API's URL field refuses (400 `validation_error`: the root's
+    dot, one decimal number, octal, hex, short forms, which the system resolver reads as inet_aton does), saved some
+    other way, are never posted to: the delivery's connection checks the address they resolve to."""
+    from django.utils import timezone
+
+    from agreements import webhooks
+    from agreements.models import WebhookSubscription
+
+    url = http_server.url.replace("127.0.0.1", host) + "/hooks"
+    subscription = WebhookSubscription.objects.create(agent=seller, url=url, secret="s")
+    delivery = WebhookDelivery.objects.create(subscription=subscription, event_type="agreement.accepted",
+                                              payload={"id": "evt_1"}, next_attempt_at=timezone.now())
+    settings.ALLOW_PRIVATE_UPSTREAMS = False
+    webhooks.delivery_attempt(delivery_id=delivery.pk)
+    delivery.refresh_from_db()
+    assert http_server.requests == []
+    # httpx refuses some (an octal part), the resolver answers none for others here (the root's dot), and the
+    # address it answers for the rest is refused: a failed attempt, retried as any.
+    assert (delivery.status, delivery.attempts) == ("pending", 1), delivery.last_error
+    assert delivery.last_error.startswith(("ConnectError", "InvalidURL")), delivery.last_error
+
+
 @pytest.mark.chain
 def test_the_proxy_checks_the_address_on_every_connection(escrow_chain, http_server, settings,
                                                           django_capture_on_commit_callbacks):
