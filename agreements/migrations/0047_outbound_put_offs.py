@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agreements', '0044_webhook_subscription_paused_reason'),
+        ('agreements', '0046_admin_list_sorted_by_deposit'),
     ]
 
     operations = [
