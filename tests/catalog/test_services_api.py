@@ -421,9 +421,14 @@ def test_the_availability_poll_queues_a_bounded_batch_a_run_and_checks_skipped_e
 # U+202E (right-to-left override) makes "gnp.exe" display as "exe.png"; an isolate (U+2066) or embedding reorders
 # alike; ESC starts a terminal escape sequence (`manage.py reconcile` prints service names); U+200B is invisible
 # (two names look the same); U+E0041 is an invisible tag character (text smuggled to an agent reading the listing).
+# Invisible too though not format characters (Unicode's Default_Ignorable_Code_Point): the combining grapheme joiner,
+# the Hangul fillers, a variation selector on a letter (it selects no glyph there), unassigned ignorables.
 UNSAFE_TEXT = {"override": "Acme \u202etranslator", "isolate": "Acme \u2066translator\u2069", "escape": "Acme \x1b[31m",
                "bell": "Acme\x07", "c1": "Acme\x9b31m", "zero_width_space": "Ac\u200bme", "tag_character": "Acme\U000e0041",
-               "line_break": "Acme\ntranslator"}
+               "line_break": "Acme\ntranslator", "grapheme_joiner": "Ac\u034fme", "hangul_filler": "\ud55c\u3164\uae00",
+               "halfwidth_hangul_filler": "\ud55c\uffa0\uae00", "variation_selector_on_a_letter": "Ac\ufe0fme",
+               "ideographic_variation_selector_on_a_letter": "Acme\U000e0100",
+               "unassigned_ignorable": "Ac\U000e0080me", "khmer_inherent_vowel": "Ac\u17b4me"}
 
 
 @pytest.mark.parametrize("text", UNSAFE_TEXT.values(), ids=UNSAFE_TEXT.keys())
@@ -465,8 +470,10 @@ def test_a_credentials_name_shown_to_operators_is_refused_with_control_or_invisi
 def test_a_description_keeps_its_lines_and_every_script_keeps_its_joiners(seller_api):
     """What a legitimate text needs stays: line breaks and tabs in a description, the zero-width joiner of an emoji
     sequence and of Indic conjuncts, the zero-width non-joiner of Persian, right-to-left scripts as written, and the
-    implicit direction marks of right-to-left prose."""
-    name = "\U0001f469\u200d\U0001f4bb \u0915\u094d\u200d\u0937 \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \u05e9\u05dc\u05d5\u05dd"
+    implicit direction marks of right-to-left prose; and a variation selector where it selects a glyph: an emoji's
+    and a keycap's presentation, an ideograph's variant (a Japanese name's), a Mongolian letter's form."""
+    name = ("\U0001f469\u200d\U0001f4bb \u0915\u094d\u200d\u0937 \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \u05e9\u05dc\u05d5\u05dd "
+            "\u2764\ufe0f 1\ufe0f\u20e3 \u845b\U000e0100 \u1820\u180b")
     description = "Line one.\n\tLine two.\r\nשלום (\u200fhello\u200f)."
     response = seller_api.post("/agents/services", service_data(name=name, description=description,
                                                                 tags=["\u0915\u094d\u200d\u0937"]))
