@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from catalog.models import SERVICE_POSTINGS_TABLE, VISIBLE_SERVICE_NAMES_TABLE, Agent, ApiKey, Availability, \
     OwnerToken, Service, ServiceState, Skill, Tag
+from marketplace import text_search
 from marketplace.caching import kept_for_a_second
 from marketplace.errors import InvalidInput, NotFound
 from marketplace.pagination import cursor_after, cursor_issued_for, cursor_values
@@ -216,6 +217,7 @@ def _exact_matches(search: ServiceSearch, services: "_Filtered", text: str) -> "
             matched = matched.where(f"({_icontains('s.name')} OR {_icontains('s.keywords')} OR "
                                     f"{_icontains('s.description')})", pattern, pattern, pattern)
         return matched.scored(f"CASE WHEN {_icontains('s.name')} THEN 1.0 ELSE 0.5 END", _contains(text))
+    _negations_nested_within_bound(text)
     query = _text_query(text)
     if not query.tsquery:
         return services.where("1 = 0").scored("0.0")  # only stop words or punctuation: nothing can match
@@ -252,6 +254,13 @@ _PLAIN_TSQUERY = re.compile(rf"{_TSQUERY_LEXEME.pattern}(?: & {_TSQUERY_LEXEME.p
 # The postings of each lexeme are one more table in the join; past PostgreSQL's from_collapse_limit (8) the planner
 # stops ordering the joins as a whole. So many words match few services, which the GIN index finds cheaply anyway.
 _POSTINGS_MAX_LEXEMES = 8
+
+
+def _negations_nested_within_bound(text: str) -> None:
+    """400 `query_too_complex` for a text PostgreSQL's web-search syntax cannot take (`marketplace.text_search`)."""
+    if text_search.negations_nest_too_deep(text):
+        raise InvalidInput(f"q: at most {text_search.NESTED_NEGATIONS_MAX} exclusion marks (-) between two words.",
+                           code="query_too_complex", details={"field": "q", "max": text_search.NESTED_NEGATIONS_MAX})
 
 
 @dataclass(frozen=True)

@@ -452,7 +452,8 @@ class ServiceSearchSerializer(StrictSerializer, PageQuerySerializer):
         help_text=(
             "Free text over name, description, tags, capability and skills, in web-search syntax: every word must "
             'match (in any form: "translating" finds "translation"), `"a phrase"` in order, `-word` excluded, '
-            "`a or b` either. A name match ranks above a tag or capability match, which ranks above a description "
+            "`a or b` either (more than 16 exclusion marks with no word between them: 400 `query_too_complex`). "
+            "A name match ranks above a tag or capability match, which ranks above a description "
             "match. When nothing matches every word (a typo), services whose name is spelt alike are returned, "
             "ranked by similarity; a cursor from one kind of result is not valid for the other."
         ),

@@ -40,7 +40,7 @@ from django.utils.html import format_html
 from django.utils.text import smart_split, unescape_string_literal
 from django_otp.admin import user_model_search_fields
 
-from marketplace import account_checks, explorer, money, rotation
+from marketplace import account_checks, explorer, money, rotation, text_search
 from marketplace.errors import ApplicationError
 from marketplace.fields import Bytes32Field
 from marketplace.models import AuthenticatorAppDevice, RecoveryCodeDevice, RedeliveredTask
@@ -186,8 +186,9 @@ class IndexedSearch:
                 term = unescape_string_literal(term)
             matches = [_search_match(self.model, path, value) for path, field in fields.items()
                        if (value := _search_value(field, term, lookup=_lookup_at(self.model, path))) is not None]
-            matches += [Q(**{vector: SearchQuery(term, config="english", search_type="websearch")})
-                        for vector in vectors]
+            if not text_search.negations_nest_too_deep(term):  # which PostgreSQL fails on: a 500
+                matches += [Q(**{vector: SearchQuery(term, config="english", search_type="websearch")})
+                            for vector in vectors]
             if not matches:
                 return queryset.none(), False
             queryset = queryset.filter(Q.create(matches, connector=Q.OR))

@@ -92,6 +92,16 @@ def test_search_finds_the_matching_rows(operator, catalog, model, term, found, n
     assert found in shown and not_found not in shown
 
 
+@pytest.mark.parametrize("term", ["-" * 40, '"' + "- " * 40 + '"'])
+def test_a_search_term_nesting_exclusions_past_postgresqls_stack_lists_nothing_not_a_500(operator, catalog, term):
+    """The services' search matches a term's words as the catalog's search reads them (web-search syntax), which
+    PostgreSQL fails on ("tsquery stack too small") for exclusion marks nested past 32 deep."""
+    response = operator.get(_url(Service, "changelist"), {"q": term})
+
+    assert response.status_code == 200
+    assert list(response.context["cl"].result_list) == []
+
+
 def test_services_can_be_found_by_id(operator, catalog):
     service = catalog["extractor"]
 

@@ -366,6 +366,27 @@ def test_any_text_is_answered_never_a_500(seller, buyer_api, text):
     assert buyer_api.post("/catalog/search", {"q": text}).status_code == 200
 
 
+# Exclusion marks with nothing to exclude between them nest PostgreSQL's negations (`!!!…`): past 32 deep its
+# websearch_to_tsquery raises "tsquery stack too small", whatever separates the marks (spaces, `!`, `(`, `&`, `|`,
+# `)`, `<`, an ideographic space).
+@pytest.mark.parametrize("text", ["-" * 40, "- " * 33 + "invoice", "-(" * 40, "-!" * 40, "-)" * 40,
+                                  "invoice " + "-\u3000" * 40, "- " * 250])
+def test_a_text_nesting_exclusions_past_postgresqls_stack_is_400_not_500(seller, buyer_api, text):
+    listing(seller, "Invoice extractor")
+
+    response = buyer_api.post("/catalog/search", {"q": text})
+    assert response.status_code == 400, response.content
+    assert error_code(response) == "query_too_complex", response.content
+
+
+@pytest.mark.parametrize("text", ["-tax " * 40 + "invoice", "state-of-the-art " * 20 + "invoice", "invoice -- tax",
+                                  "invoice " + "- " * 16])
+def test_many_exclusions_each_of_a_word_and_hyphenated_words_are_still_searched(seller, buyer_api, text):
+    listing(seller, "Invoice extractor")
+
+    assert buyer_api.post("/catalog/search", {"q": text}).status_code == 200
+
+
 def test_without_text_every_visible_service_is_listed_newest_first(seller, buyer_api):
     for name in ("First", "Second", "Third"):
         listing(seller, name)
