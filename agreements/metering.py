@@ -43,9 +43,8 @@ from django.db import (
     connections,
     transaction,
 )
-from django.db.models import Exists, F, OuterRef, Sum, signals
+from django.db.models import Exists, F, OuterRef, signals
 from django.db.models.base import ModelState
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agreements import monitoring, selectors
@@ -1404,7 +1403,8 @@ def usage_record(*, agreement: UsageAgreement, seller_id: uuid.UUID, entries: li
                                   code="budget_exhausted",
                                   details={"remaining_atomic": agreement.remaining, "cost_atomic": total})
         rows = _extend_chain(agreement, charges, source=UsageSource.SELLER_REPORT)
-        fields = ["usage_seq", "used", "usage_digest"]
+        agreement.units_reported += sum(charge["units"] for charge in charges)
+        fields = ["usage_seq", "used", "usage_digest", "units_reported"]
         _complete_if_used_up(agreement, fields)
         events = _write_events(agreement, rows, counters=fields)
         _observe_after_commit(agreement, events, source=UsageSource.SELLER_REPORT)
@@ -1453,10 +1453,11 @@ def job_result_charge(*, agreement_id, result_hash: str, request_id: str, chain_
             cost=agreement.deposit_amount, cumulative=agreement.deposit_amount, usage_digest=result_hash,
             receipt_signature=signature, request_id=request_id, description="job result")
         agreement.usage_seq, agreement.used, agreement.usage_digest = 1, agreement.deposit_amount, result_hash
+        agreement.units_reported = agreement.quantity
         agreement.completion_requested_at = timezone.now()
         agreement.completion_reason = "job result submitted"
-        agreement.save(update_fields=["usage_seq", "used", "usage_digest", "completion_requested_at",
-                                      "completion_reason"])
+        agreement.save(update_fields=["usage_seq", "used", "usage_digest", "units_reported",
+                                      "completion_requested_at", "completion_reason"])
     return event
 
 
@@ -1470,8 +1471,8 @@ def usage_record_running_total(*, agreement: UsageAgreement, seller_id: uuid.UUI
     _seller_report_require(agreement, seller_id)
     with transaction.atomic():
         _lock_and_read(agreement)
-        reported = agreement.usage_events.filter(source=UsageSource.SELLER_REPORT).aggregate(
-            units=Coalesce(Sum("units"), 0))["units"]
+        # A counter of the agreement (read with it under its lock): summing its events grew with its history.
+        reported = agreement.units_reported
         if units_used < reported:
             raise Conflict(f"{reported} units were already reported; units_used is the running total.",
                            code="usage_total_decreased", details={"units_reported": reported})

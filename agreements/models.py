@@ -295,6 +295,9 @@ class UsageAgreement(PaymentReversal):
     # Metering: the head of the usage event chain (see sdk.receipts) and proxy call numbering.
     usage_seq = models.PositiveBigIntegerField(default=0)
     usage_digest = Bytes32Field(default="0x" + "00" * 32)
+    units_reported = TokenAmountField(
+        default=0, help_text="Units the seller reported (`record-usage`, not proxied calls): what a running total "
+                             "`units_used` is compared with, written with each report's events.")
     call_counter = models.PositiveBigIntegerField(default=0, help_text="Proxied calls started (with releases).")
     completion_requested_at = models.DateTimeField(
         null=True, blank=True, help_text="No new charges after this; settlement is proposed once nothing is reserved.")

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from agreements.models import UsageAgreement, UsageEvent
 from escrow import chain_clock, settlement
@@ -204,3 +205,34 @@ def test_a_running_totals_description_is_kept_as_the_charges_description(active)
     listed = active.buyer_api.get(f"/usage-agreements/{active.agreement_id}/usage").json()["results"]
     assert [(event["units"], event["description"]) for event in listed] == [
         (3, "3 pages translated"), (1, "running total 4 units")]
+
+
+def test_a_running_total_reads_no_usage_event_under_the_agreements_lock(active):
+    """The seller's running total summed every usage event of the agreement (proxied calls' included, by its
+    index on the agreement) while holding the agreement's row lock, which every charge of its calls waits for: the
+    work grew with the agreement's history, report after report. The units reported so far are a counter of the
+    agreement, written with each report's events; reports per event and running totals count in the same total."""
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    assert active.seller_api.post(url, {"units": 1}, headers={"Idempotency-Key": "one"}).status_code == 201
+    with CaptureQueriesContext(connection) as queries:
+        response = active.seller_api.post(url, {"units_used": 3})
+    assert response.status_code == 201 and [event["units"] for event in response.json()["events"]] == [2]
+    assert not [query["sql"] for query in queries if "SUM(" in query["sql"].upper()]
+    assert active.seller_api.post(url, {"units_used": 3}).json()["events"] == []
+    refused = active.seller_api.post(url, {"units_used": 2})
+    assert refused.status_code == 409 and refused.json()["error"]["details"] == {"units_reported": 3}
+    assert UsageAgreement.objects.get(pk=active.agreement_id).used == 3 * 20_000
+
+
+def test_the_migration_counts_the_units_reported_before_it(active):
+    """Agreements reported on before the counter have it filled from their seller reports (proxied calls aside)."""
+    import importlib
+
+    url = f"/usage-agreements/{active.agreement_id}/record-usage"
+    assert active.seller_api.post(url, {"events": [{"units": 1}, {"units": 2}]},
+                                  headers={"Idempotency-Key": "batch"}).status_code == 201
+    UsageAgreement.objects.filter(pk=active.agreement_id).update(units_reported=0)
+    with connection.cursor() as cursor:
+        cursor.execute(importlib.import_module("agreements.migrations.0045_usage_agreement_units_reported").FILL)
+    assert UsageAgreement.objects.get(pk=active.agreement_id).units_reported == 3
+    assert active.seller_api.post(url, {"units_used": 4}).json()["events"][0]["units"] == 1
