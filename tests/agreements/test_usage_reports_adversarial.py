@@ -233,6 +233,6 @@ def test_the_migration_counts_the_units_reported_before_it(active):
                                   headers={"Idempotency-Key": "batch"}).status_code == 201
     UsageAgreement.objects.filter(pk=active.agreement_id).update(units_reported=0)
     with connection.cursor() as cursor:
-        cursor.execute(importlib.import_module("agreements.migrations.0045_usage_agreement_units_reported").FILL)
+        cursor.execute(importlib.import_module("agreements.migrations.0048_usage_agreement_units_reported").FILL)
     assert UsageAgreement.objects.get(pk=active.agreement_id).units_reported == 3
     assert active.seller_api.post(url, {"units_used": 4}).json()["events"][0]["units"] == 1

@@ -18,7 +18,7 @@ WHERE EXISTS (SELECT 1 FROM agreements_usageevent e
 class Migration(migrations.Migration):
 
     dependencies = [
-        ("agreements", "0044_webhook_subscription_paused_reason"),
+        ("agreements", "0047_outbound_put_offs"),
     ]
 
     operations = [
