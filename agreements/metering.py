@@ -473,7 +473,7 @@ def _resolve_unknown_commit(*, reservation: Reservation, charge: dict) -> UsageE
     return event
 
 
-def _append_events(agreement: UsageAgreement, charges: list[dict], *, source: str) -> list[UsageEvent]:
+def _append_events(agreement: UsageAgreement, charges: list[dict], *, source: UsageSource) -> list[UsageEvent]:
     """Extend the usage chain under the row lock the caller holds and write the events; the last event gets a
     signed receipt. The caller saves the agreement's counters."""
     return _write_events(agreement, _extend_chain(agreement, charges, source=source))
@@ -486,14 +486,15 @@ def _event_fields() -> tuple[list, dict]:
     return fields, {field.attname: field.get_default() for field in fields if not field.is_relation}
 
 
-def _extend_chain(agreement, charges: list[dict], *, source: str, receipt_each: bool = False) -> list[dict]:
+def _extend_chain(agreement, charges: list[dict], *, source: UsageSource, receipt_each: bool = False) -> list[dict]:
     """The events' rows (UsageEvent attribute names) extending the agreement's usage chain, the last one (or with
     `receipt_each`, each one: proxied calls, whose callers each get a receipt) with a signed receipt; the
     agreement's seq, used and digest move to the last event (in memory: `_write_events` writes them). `agreement`
     is a UsageAgreement or a proxied call's `_ChainHead`."""
     rows, seq, cumulative = [], agreement.usage_seq, agreement.used
     defaults, onchain_id, now = _event_fields()[1], agreement.onchain_id, timezone.now()
-    shared = {"agreement_id": agreement.pk, "source": source, "created_at": now}
+    # The source's plain value: psycopg finds no dumper for the enum's class and walks its MRO on every statement.
+    shared = {"agreement_id": agreement.pk, "source": source.value, "created_at": now}
     for charge in charges:
         seq += 1
         cumulative += charge["cost"]

@@ -160,7 +160,8 @@ def _named_in_connection(values) -> set[str]:
 
 def _forward_headers(request, caller: KeyHolder, terms: selectors.CallTerms, reservation, max_units: int, path: str,
                      body: bytes) -> list[tuple[str, str]]:
-    dropped = _REQUEST_DROPPED | _named_in_connection((request.headers.get("connection", ""),))  # lines joined
+    # META, not request.headers, for a header usually absent: the headers' view answers a miss by raising KeyError.
+    dropped = _REQUEST_DROPPED | _named_in_connection((request.META.get("HTTP_CONNECTION", ""),))  # lines joined
     # WSGI servers present absent CONTENT_LENGTH/CONTENT_TYPE as empty strings: those are not headers.
     headers = {key: value for key, value in request.headers.items()
                if value and key.lower() not in dropped and not key.lower().startswith("x-marketplace-")}
@@ -430,7 +431,7 @@ def _proxy_call(request, agreement_id, path: str):
     if not query.isascii() or not query.isprintable() or " " in query:
         raise InvalidInput("The query string must be percent-encoded ASCII.", code="invalid_upstream_path")
     call_path = _call_path(path, query)
-    nonce = request.headers.get("X-Request-Nonce", "")
+    nonce = request.META.get("HTTP_X_REQUEST_NONCE", "")  # not request.headers: see _forward_headers
     if nonce:
         replayed = _claim_nonce(terms.pk, nonce, request_fingerprint(request.method, call_path, body))
         if replayed is not None:

@@ -168,7 +168,8 @@ class KeyHolder:
     expires_at: datetime | None
 
     def grants(self, scope: str) -> bool:
-        return SCOPE_RANK[KeyScope(self.scope)] >= SCOPE_RANK[KeyScope(scope)]
+        # A KeyScope hashes and compares as its value: the plain strings look it up without building the enum.
+        return SCOPE_RANK[self.scope] >= SCOPE_RANK[scope]
 
 
 # Keyed by the presented secret's digest: a holder is answered only for a secret that matched its key's digest.

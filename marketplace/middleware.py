@@ -28,7 +28,7 @@ class RequestIdMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
-        supplied = request.headers.get("X-Request-Id", "")
+        supplied = request.META.get("HTTP_X_REQUEST_ID", "")  # request.headers answers a miss by raising KeyError
         request_id = supplied if _CLIENT_REQUEST_ID.fullmatch(supplied) else f"req_{secrets.token_hex(16)}"
         request.request_id = request_id
         # Not reset afterwards: Django logs the finished request (django.request) after middleware returns.
