@@ -14,9 +14,10 @@ agreement), then runs under `valgrind --tool=callgrind` in a process of its own:
 calls counted (collection toggled on around them alone), each checked answered 200 and charged. Printed: instructions
 per call in the process (PostgreSQL's backend and the upstream apart). What lapses by the clock is kept for the run
 (CREDENTIAL_CACHE_SECONDS, PROXY_CALL_LEASE_SECONDS), or the count would follow valgrind's speed: each call takes the
-path of a steady load (the key and the call terms cached, the reservation from a lease of calls). The rest varies by
-about 1% between runs of the same code (the database's and Redis's answers arriving in more or fewer reads). With --keep DIR, the callgrind files stay in
-DIR for `callgrind_annotate --inclusive=yes` (the counted calls are under `functools_reduce`).
+path of a steady load (the key and the call terms cached, the reservation from a lease of calls). The rest varied by
+under 0.5% between two runs of the same code (the database's and Redis's answers arriving in more or fewer reads).
+With --keep DIR, the callgrind files stay in DIR for `callgrind_annotate --inclusive=yes` (the counted calls are
+under `functools_reduce`).
 
 Uses PostgreSQL on 127.0.0.1:5432 (databases marketplace_bench_proxy_instructions and its `_against`, or
 $BENCH_PROXY_INSTRUCTIONS_DATABASE and its `_against`, created when missing, migrated and flushed) and Redis on
