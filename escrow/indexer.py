@@ -12,8 +12,8 @@ deep meaning the blocks above it up to that depth descend from it: `_confirmed_a
 - each escrow event moves its agreement through agreements' services (`_TARGETS`): the same calls the relayer's
   receipts make, so whichever of the two comes first applies the transition and the other is a no-op;
 - an event that cannot be applied (an illegal transition, an escrow that is not this agreement's intent) is
-  stored with `effect=failed` and its error, shown in the admin and by `reconcile`; the indexer goes on. An
-  `Activated` one is tried again once its agreement has moved (`_activations_retry`), once per move.
+  stored with `effect=failed` and its error, shown in the admin and by `reconcile`; the indexer goes on. It is
+  tried again once its agreement has moved, in the chain's order (`_failed_events_retry`), once per move.
 
 One range is applied in one DB transaction that also moves the cursor, under the cursor's row lock and only if
 the cursor is still where this runner read it (compare-and-set): a runner killed anywhere leaves the range
@@ -154,7 +154,7 @@ def index_pass(*, max_ranges: int | None = None) -> PassResult:
         except chain.ChainError as error:
             IndexerCursor.objects.filter(pk=cursor_pk).update(last_error=f"{type(error).__name__}: {error}"[:500])
             raise
-        _activations_retry()
+        _failed_events_retry()
         IndexerCursor.objects.filter(pk=cursor_pk).exclude(last_error="").update(last_error="")
         result.indexed_to = IndexerCursor.objects.values_list("last_block", flat=True).get(pk=cursor_pk)
     return result
@@ -367,24 +367,27 @@ def _store_and_apply(cursor: IndexerCursor, log) -> None:
 
 
 def _failed(event: ChainEvent, error: Exception) -> None:
-    """The event could not be applied: kept with its error, and the status its agreement was in (an Activated event
-    is tried again once that changes: `_activations_retry`)."""
+    """The event could not be applied: kept with its error, and the status its agreement was in (it is tried again
+    once that changes: `_failed_events_retry`)."""
     event.effect, event.error = EventEffect.FAILED, _error_text(error)
     event.from_status = UsageAgreement.objects.values_list("status", flat=True).get(pk=event.agreement_id)
     logger.error("indexed event not applied", extra={"agreement_id": str(event.agreement_id), "event": event.name,
                                                      "error": event.error})
 
 
-def _activations_retry() -> int:
-    """Activated events that could not be applied where their agreement was (the buyer's own funding of a proposal
-    the seller had not answered yet) are applied once it has moved: accepted, the agreement is active; rejected or
-    cancelled, the deposit goes back (`agreement_activation_confirmed`). One that still cannot be applied records
-    where it failed this time, so it is tried again only after the next move, never at every pass. Returns how many
-    were applied."""
+def _failed_events_retry() -> int:
+    """Escrow events that could not be applied where their agreement was are applied once it has moved, in the
+    chain's order: the buyer's own funding of a proposal the seller had not answered yet (accepted, the agreement is
+    active; rejected or cancelled, the deposit goes back: `agreement_activation_confirmed`), and whatever anyone did
+    to that escrow after it (a reclaim at its reclaimAfter): applied after the funding, the agreement follows the
+    chain to the end, where the funding alone left it active on an escrow the chain had closed. One that still
+    cannot be applied records where it failed this time, so it is tried again only after the next move, never at
+    every pass. Returns how many were applied."""
     applied = 0
-    due = (ChainEvent.objects.filter(name="Activated", effect=EventEffect.FAILED, removed_at=None,
+    due = (ChainEvent.objects.filter(name__in=list(_TARGETS), effect=EventEffect.FAILED, removed_at=None,
                                      acknowledged_at=None, agreement__isnull=False)
-           .exclude(agreement__status=F("from_status")).values_list("pk", flat=True))
+           .exclude(agreement__status=F("from_status")).order_by("block_number", "log_index")
+           .values_list("pk", flat=True))
     for event_id in list(due[:100]):
         with transaction.atomic():
             event = ChainEvent.objects.select_for_update().filter(pk=event_id, effect=EventEffect.FAILED).first()

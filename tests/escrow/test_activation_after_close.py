@@ -605,3 +605,30 @@ def test_a_masumi_purchase_the_buyer_funded_itself_that_its_owners_policy_refuse
         call_command("reconcile", stdout=io.StringIO())
     finally:
         seller_service.stop()
+
+
+def test_a_reclaim_indexed_before_its_funding_could_be_applied_refunds_the_agreement_once_it_is(
+        parties, escrow_chain, django_capture_on_commit_callbacks):
+    """Anyone may reclaim an escrow from its reclaimAfter on. The buyer funds its own intent while the agreement is
+    proposed and reclaims the deposit at reclaimAfter, before the beat expired the proposal: the indexer can apply
+    neither the funding nor the reclaim there. Once the proposal expires, the funding is applied (the agreement is
+    active) and the reclaim after it must be too: the agreement is refunded, as the chain has it. (Only Activated
+    events were tried again: the agreement stayed active on an escrow the chain had reclaimed, and the settlement
+    tick proposed on it, reverting, until it gave up.)"""
+    chain, capture = escrow_chain, django_capture_on_commit_callbacks
+    agreement = funded_by_the_buyers_own_intent_while_proposed(parties)
+    record = UsageAgreement.objects.get(pk=agreement["id"])
+    esc = Escrows(chain)
+    esc.wait_past(int(record.expires_at.timestamp()) + TEST_RECLAIM_GRACE)
+    esc.tx(esc.fn("reclaim", record.onchain_id, buyer=parties.buyer_account.address), chain.accounts.stranger)
+    index(capture)
+    assert parties.agreement(agreement["id"])["status"] == "proposed"
+
+    with capture(execute=True):
+        assert agreement_services.agreements_expire_proposals(now=record.expires_at + timedelta(seconds=1)) == 1
+    index(capture)
+    refunded = parties.agreement(agreement["id"])
+    assert (refunded["status"], refunded["buyer_refund_atomic"]) == ("refunded", record.deposit_amount)
+    assert set(ChainEvent.objects.filter(agreement_id=agreement["id"]).values_list("effect", flat=True)) == {
+        EventEffect.APPLIED}
+    call_command("reconcile", stdout=io.StringIO())
