@@ -1,8 +1,8 @@
 import os
 import time
 
-from celery import Celery, Task
-from celery.signals import before_task_publish, task_prerun
+from celery import Celery, Task, bootsteps
+from celery.signals import before_task_publish, task_prerun, worker_shutting_down
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
 
@@ -33,6 +33,37 @@ class BoundedRedeliveryTask(Task):
 app = Celery("marketplace", task_cls=BoundedRedeliveryTask)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+# The requests a worker held when told to stop (marketplace.dead_letters.given_back_unrun_note).
+_held_when_stopping: list = []
+
+
+@worker_shutting_down.connect
+def _requests_held_when_stopping_kept(**kwargs):
+    """Run inside the signal handler: a snapshot only, no I/O (the main thread may be inside a cache call)."""
+    from celery.worker import state
+
+    _held_when_stopping[:] = [*state.reserved_requests, *state.scheduled_requests]
+
+
+class GivenBackUnrunNoted(bootsteps.StartStopStep):
+    """At the consumer's shutdown, before its connection closes and gives the broker back the messages it holds
+    unacknowledged: those of the requests held when the worker was told to stop that never started, noted so that
+    their redelivery counts no step towards a dead letter. The consumer's own close has forgotten them by then,
+    hence the snapshot. One that started since (its pool process took it during the warm shutdown) is not noted."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)  # shut down before the connection is
+
+    def shutdown(self, c):
+        from marketplace import dead_letters
+
+        dead_letters.given_back_unrun_note(
+            task_ids=[request.id for request in _held_when_stopping if request.time_start is None])
+        _held_when_stopping.clear()
+
+
+app.steps["consumer"].add(GivenBackUnrunNoted)
 
 
 @before_task_publish.connect

@@ -299,3 +299,29 @@ def test_a_task_that_kills_its_process_is_dead_lettered(stack, tmp_path: Path, s
     assert runs.read_text().count("run") == settings.TASK_MAX_REDELIVERIES + 1  # the first delivery and the retries
     assert stack.worker.process.poll() is None  # the worker itself is alive
     assert "task dead-lettered" in stack.worker.log()
+
+
+def test_a_message_a_stopped_worker_gave_back_unrun_is_no_step_towards_a_dead_letter(stack, tmp_path: Path,
+                                                                                     monkeypatch):
+    """A worker stopped (a deploy's SIGTERM) gives the broker back the messages it held but had not run (a countdown's,
+    a prefetched one), and Redis marks them redelivered as it marks those of a process that died. Each stop counted one
+    towards a dead letter: a webhook retry's message held across TASK_MAX_REDELIVERIES restarts (a rolling deploy) was
+    dropped unrun, logged at ERROR as a task that killed its process. No process died: it runs, and nothing is
+    counted."""
+    stack.worker.stop()
+    # The cache production has (CACHE_URL: Redis), and no visibility timeout running out while the countdown waits.
+    env = {**stack.worker.env, "CACHE_URL": stack.redis.url.removesuffix("/0") + "/1", "CELERY_VISIBILITY_TIMEOUT": "3600"}
+    stack.worker = celery_worker(env, stack.log_dir, include="tests.faults.poison_tasks")
+    stack.start_worker()
+    runs = tmp_path / "runs"
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    with Celery(broker=stack.redis.url, set_as_current=False) as client:
+        sent = client.send_task("tests.faults.poison_tasks.record_run", args=[str(runs)], countdown=30)
+    wait_until(lambda: f"[{sent.id}] received" in stack.worker.log(), timeout=30, what="the worker to hold the message")
+    stack.worker.stop()  # warm: SIGTERM, the message given back unrun
+    assert not runs.exists()
+    stack.start_worker()
+
+    wait_until(runs.exists, timeout=90, what=f"the run\n--- worker log tail ---\n{stack.worker.log()[-3000:]}")
+    assert runs.read_text().count("run") == 1
+    assert not RedeliveredTask.objects.filter(task_id=sent.id).exists()

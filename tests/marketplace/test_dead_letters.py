@@ -25,6 +25,19 @@ def test_redeliveries_are_bounded_then_dead_lettered(settings, operator):
     assert samples[("marketplace_celery_dead_letters", (("task", "catalog.tasks.check_availability"),))] == 1
 
 
+def test_a_redelivery_of_a_message_a_stopping_worker_gave_back_unrun_is_not_counted_once(settings):
+    """A stopping worker notes the messages it gives back unrun (marketplace.celery.GivenBackUnrunNoted; the real
+    worker in tests/faults/test_hostile_input.py): their next redelivery is not counted, a later one is."""
+    settings.TASK_MAX_REDELIVERIES = 0
+    dead_letters.given_back_unrun_note(task_ids=["held-1"])
+    assert dead_letters.redelivery_allowed(task_id="held-1", task_name="agreements.tasks.deliver_webhook",
+                                           args=["d-1"], kwargs={})
+    assert not RedeliveredTask.objects.filter(task_id="held-1").exists()
+    # Its process died on this run: counted (and here, with no redelivery allowed, a dead letter).
+    assert not dead_letters.redelivery_allowed(task_id="held-1", task_name="agreements.tasks.deliver_webhook",
+                                               args=["d-1"], kwargs={})
+
+
 def test_no_task_runs_or_waits_for_its_countdown_longer_than_the_brokers_visibility_timeout(settings):
     """Redis delivers a message again, to another worker, once it is unacknowledged for the visibility timeout,
     whether or not the worker holding it died: while it still runs (an invocation of a skill with an hour's timeout)
