@@ -6,6 +6,7 @@ import warnings
 import pytest
 from rest_framework.test import APIClient
 
+from tests.faults.processes import RedisServer
 from tests.catalog.factories import AgentFactory, UserFactory, issue_key, issue_owner_token
 from tests.support.operators import operator_client
 
@@ -342,3 +343,11 @@ def wire_marketplace(chain, settings):
         {"from": accounts.deployer.address})
     chain.w3.eth.wait_for_transaction_receipt(granted)  # Anvil answers a send before it mines it
     return chain
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A Redis server of the test's own (a module's tests share it; the fault tests start one per test)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()

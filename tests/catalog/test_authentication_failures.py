@@ -10,18 +10,10 @@ from django.core.cache import cache
 
 from tests.catalog.factories import issue_key, issue_owner_token
 from tests.conftest import Api, error_code
-from tests.faults.processes import RedisServer
 
 pytestmark = pytest.mark.django_db
 
 ATTACKER, VICTIM = "198.51.100.7", "203.0.113.9"
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["locmem", "redis"])

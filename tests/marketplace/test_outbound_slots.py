@@ -5,14 +5,6 @@ import time
 import pytest
 
 from marketplace import outbound_slots
-from tests.faults.processes import RedisServer
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["locmem", "redis"])

@@ -10,17 +10,9 @@ from marketplace import throttling
 from tests.agreements.helpers import proposal
 from tests.catalog.factories import AgentFactory, issue_key, issue_owner_token, register_service
 from tests.conftest import Api, error_code
-from tests.faults.processes import RedisServer
 from tests.marketplace.conftest import active_agreement
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
