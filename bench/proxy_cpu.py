@@ -54,9 +54,20 @@ def _proxy_call(database_url: str, upstream_url: str, query: str):
     agreement = bench_metering.active_agreement(buyer=buyer, seller=seller, service=service, quantity=10_000_000)
     from django.db import connection
 
+    call = metered_call(agreement_id=agreement.pk, key=key, query=query)
+    call()  # opens the connection
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    return call, pid
+
+
+def metered_call(*, agreement_id, key: str, query: str = ""):
+    """`call()`: one GET through `/metered-proxy/{agreement_id}/work` with the buyer's `key`, straight into this
+    checkout's WSGI application (Django set up); None when answered 200 and charged its price, else the problem."""
     from marketplace.wsgi import application
 
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/metered-proxy/{agreement.pk}/work", "QUERY_STRING": query,
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/metered-proxy/{agreement_id}/work", "QUERY_STRING": query,
                "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8000", "REMOTE_ADDR": "127.0.0.1",
                "HTTP_HOST": "127.0.0.1", "HTTP_AUTHORIZATION": f"Bearer {key}", "SERVER_PROTOCOL": "HTTP/1.1",
                "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr, "CONTENT_LENGTH": "", "CONTENT_TYPE": ""}
@@ -75,11 +86,7 @@ def _proxy_call(database_url: str, upstream_url: str, query: str):
         cost = dict(answer["headers"]).get("X-Usage-Cost")
         return None if answer["status"].startswith("200") and cost == str(PRICE) else f"{answer['status']} {cost}"
 
-    call()  # opens the connection
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        (pid,) = cursor.fetchone()
-    return call, pid
+    return call
 
 
 def _floor_call(database_url: str, upstream_url: str, query: str):

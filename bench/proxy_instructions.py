@@ -60,8 +60,6 @@ def _proxy_setup(database_url: str, upstream_url: str) -> dict:
 
 
 def _proxy_call(setup: dict):
-    import io
-
     from bench import proxy_cpu
 
     os.environ.update(setup["env"])
@@ -71,30 +69,7 @@ def _proxy_call(setup: dict):
     import django
 
     django.setup()
-    from marketplace.wsgi import application
-
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/metered-proxy/{setup['agreement']}/work", "QUERY_STRING": "",
-               "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8000", "REMOTE_ADDR": "127.0.0.1",
-               "HTTP_HOST": "127.0.0.1", "HTTP_AUTHORIZATION": f"Bearer {setup['key']}",
-               "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
-               "CONTENT_LENGTH": "", "CONTENT_TYPE": ""}
-    answer = {}
-
-    def start_response(status, headers, exc_info=None):
-        answer["status"], answer["headers"] = status, headers
-
-    def call() -> str | None:
-        body = application({**environ, "wsgi.input": io.BytesIO(b"")}, start_response)
-        try:
-            for _ in body:
-                pass
-        finally:
-            body.close()
-        cost = dict(answer["headers"]).get("X-Usage-Cost")
-        return None if answer["status"].startswith("200") and cost == str(proxy_cpu.PRICE) else \
-            f"{answer['status']} {cost}"
-
-    return call
+    return proxy_cpu.metered_call(agreement_id=setup["agreement"], key=setup["key"])
 
 
 def _floor_setup(database_url: str, upstream_url: str) -> dict:

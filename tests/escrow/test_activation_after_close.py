@@ -279,6 +279,15 @@ def test_an_escrow_opens_once_per_agreement_and_buyer_so_a_settled_one_cannot_be
     assert parties.agreement(agreement["id"])["status"] == "settled"
 
 
+def _masumi_purchase(chain, seller_service: MasumiService) -> tuple[Parties, dict]:
+    """A Masumi service of the seller's at `seller_service` and the buyer's purchase of one job (its `data`)."""
+    parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[],
+                      pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE, "token": "USDC"})
+    created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
+                                                   "agentIdentifier": str(parties.service.pk)}).json()["data"]
+    return parties, created
+
+
 # --- a cancel or expiry while the indexer has not applied the activation yet ------------------------------------
 
 def test_a_masumi_purchase_funded_before_pay_by_time_and_expired_before_it_was_indexed_is_refunded(
@@ -290,11 +299,7 @@ def test_a_masumi_purchase_funded_before_pay_by_time_and_expired_before_it_was_i
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     seller_service = MasumiService().start()
     try:
-        parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[],
-                          pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE,
-                                   "token": "USDC"})
-        created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
-                                                       "agentIdentifier": str(parties.service.pk)}).json()["data"]
+        parties, created = _masumi_purchase(chain, seller_service)
         package = created["ActivationPackage"]
         signed = sign_activation(chain, package, parties.agreement(created["agreementId"]),
                                  parties.buyer_account.key, max_deadline_seconds=package["deadline"] - chain.now())
@@ -566,11 +571,7 @@ def test_a_masumi_purchase_the_buyer_funded_itself_that_its_owners_policy_refuse
     chain, capture = escrow_chain, django_capture_on_commit_callbacks
     seller_service = MasumiService().start()
     try:
-        parties = Parties(chain, upstream_base_url=seller_service.url, upstream_protocol="masumi", skills=[],
-                          pricing={"type": "per_call", "unit_name": "job", "unit_price_atomic": PRICE,
-                                   "token": "USDC"})
-        created = parties.buyer_api.post("/purchase", {"network": "Preprod", "input_data": INPUT,
-                                                       "agentIdentifier": str(parties.service.pk)}).json()["data"]
+        parties, created = _masumi_purchase(chain, seller_service)
         package = created["ActivationPackage"]
         signed = sign_activation(chain, package, parties.agreement(created["agreementId"]),
                                  parties.buyer_account.key)
